@@ -1,0 +1,90 @@
+"""Training step with mixed precision on CPU and CUDA.
+
+detectron2 0.6's ``AMPTrainer`` knows only CUDA fp16 with a grad scaler. MIMDet also trains
+in bf16, which needs no scaler and runs on CPU (AMX) as well as on CUDA.
+"""
+import logging
+import time
+from typing import Optional
+
+import torch
+from detectron2.engine import SimpleTrainer
+
+__all__ = ["MixedPrecisionTrainer", "resolve_amp_dtype"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_amp_dtype(enabled: bool, dtype: Optional[str], device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype for ``train.amp``, or None for fp32.
+
+    Args:
+        enabled: ``train.amp.enabled``.
+        dtype: "bf16" or "fp16" (None: fp16 on CUDA as in detectron2, bf16 on CPU).
+        device_type: "cuda" or "cpu".
+    """
+    if not enabled:
+        return None
+    if dtype is None:
+        dtype = "fp16" if device_type == "cuda" else "bf16"
+    if dtype not in _DTYPES:
+        raise ValueError(f"train.amp.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    resolved = _DTYPES[dtype]
+    if resolved is torch.float16 and device_type != "cuda":
+        raise ValueError(f"train.amp.dtype={dtype!r} needs CUDA; on {device_type} use 'bf16'")
+    return resolved
+
+
+class MixedPrecisionTrainer(SimpleTrainer):
+    """``SimpleTrainer`` whose forward runs under ``torch.autocast`` (bf16 or fp16).
+
+    fp16 uses a ``GradScaler`` (saved with the trainer's state); bf16 has fp32's range and
+    needs none. With ``amp_dtype=None`` this is exactly ``SimpleTrainer``.
+    """
+
+    def __init__(self, model, data_loader, optimizer, amp_dtype: Optional[torch.dtype] = None,
+                 device_type: str = "cpu") -> None:
+        super().__init__(model, data_loader, optimizer)
+        self.amp_dtype = amp_dtype
+        self.device_type = device_type
+        use_scaler = amp_dtype is torch.float16
+        self.grad_scaler = torch.amp.GradScaler(device_type, enabled=use_scaler) if use_scaler else None
+
+    def run_step(self) -> None:
+        assert self.model.training, "[MixedPrecisionTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast(self.device_type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                loss_dict = {"total_loss": loss_dict}
+            losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        # raises FloatingPointError naming the iteration and the loss terms before any update
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        state = super().state_dict()
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])

@@ -1,0 +1,68 @@
+"""The mixed-precision training step."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import models  # noqa: F401
+from models.engine import MixedPrecisionTrainer, resolve_amp_dtype
+
+
+class _Regressor(nn.Module):
+    """Returns detectron2-style loss dicts and records the dtype its matmul ran in."""
+
+    def __init__(self, poison_at: int = -1):
+        super().__init__()
+        self.linear = nn.Linear(8, 1)
+        self.seen_dtypes = []
+        self.calls = 0
+        self.poison_at = poison_at
+
+    def forward(self, batch):
+        x, y = batch
+        out = self.linear(x)
+        self.seen_dtypes.append(out.dtype)
+        loss = ((out.float() - y) ** 2).mean()
+        self.calls += 1
+        if self.calls - 1 == self.poison_at:
+            loss = loss * float("nan")
+        return {"loss_mse": loss, "loss_zero": loss * 0}
+
+
+def _data():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    return itertools.repeat((x, x.sum(dim=1, keepdim=True)))
+
+
+@pytest.mark.parametrize("amp_dtype", [None, torch.bfloat16])
+def test_training_runs_in_the_requested_precision_and_learns(amp_dtype):
+    model = _Regressor()
+    trainer = MixedPrecisionTrainer(model, _data(), torch.optim.SGD(model.parameters(), lr=0.05),
+                                    amp_dtype=amp_dtype, device_type="cpu")
+    trainer.train(0, 30)
+    assert set(model.seen_dtypes) == {amp_dtype or torch.float32}
+    first, last = (trainer.storage.history("loss_mse").values()[i][0] for i in (0, -1))
+    assert torch.isfinite(torch.tensor(last)) and last < 0.2 * first
+    assert model.linear.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_non_finite_loss_stops_before_the_update_naming_iteration_and_terms():
+    model = _Regressor(poison_at=3)
+    trainer = MixedPrecisionTrainer(model, _data(), torch.optim.SGD(model.parameters(), lr=0.05),
+                                    amp_dtype=torch.bfloat16, device_type="cpu")
+    with pytest.raises(FloatingPointError, match=r"(?s)iteration=3.*loss_mse"):
+        trainer.train(0, 10)
+    assert torch.isfinite(model.linear.weight).all()
+
+
+def test_amp_dtype_resolution_and_errors():
+    assert resolve_amp_dtype(False, "bf16", "cpu") is None
+    assert resolve_amp_dtype(True, None, "cpu") is torch.bfloat16
+    assert resolve_amp_dtype(True, None, "cuda") is torch.float16
+    assert resolve_amp_dtype(True, "bf16", "cuda") is torch.bfloat16
+    with pytest.raises(ValueError, match="'fp16' needs CUDA"):
+        resolve_amp_dtype(True, "fp16", "cpu")
+    with pytest.raises(ValueError, match=r"one of \['bf16'.*got 'int8'"):
+        resolve_amp_dtype(True, "int8", "cpu")
