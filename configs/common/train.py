@@ -1,0 +1,33 @@
+"""Training defaults for lazyconfig_train_net.py: the 3x schedule at batch 64, the MAE
+checkpoint to start from, and extra COCO-format datasets to register."""
+from detectron2.config import LazyCall as L
+from detectron2.solver import WarmupParamScheduler
+from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+# COCO train2017 ~120k images: 1 epoch = 120000 / 64 = 1875 iter; 3x = 36 epochs = 67500 iter.
+train = dict(
+    output_dir="./output",
+    init_checkpoint="",  # a detectron2 checkpoint; loaded after (and over) the MAE weights
+    max_iter=67500,
+    amp=dict(enabled=True),
+    ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=True),
+    checkpointer=dict(period=1875, max_to_keep=100),
+    eval_period=1875,
+    log_period=20,
+    device="cuda",  # the launcher falls back to "cpu" when CUDA is absent
+)
+
+# The schedule is written in epochs (the scheduler sees the fraction of train.max_iter done),
+# so it follows train.max_iter: x0.1 at epochs 27 and 33 of 36, warm-up from 0 over 1/4 epoch.
+lr_multiplier = L(WarmupParamScheduler)(
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[27, 33], num_updates=36),
+    warmup_length=0.25 / 36,
+    warmup_factor=0.0,
+)
+
+# Full MAE pre-training checkpoint (encoder + decoder); None starts from random weights.
+mae_checkpoint = dict(path=None)
+
+# COCO-format datasets to register before building, e.g.
+# "datasets.register=[{name:my_train,json_file:'data/train.json',image_root:'data/images'}]" (hydra syntax)
+datasets = dict(register=[])
