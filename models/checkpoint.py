@@ -1,0 +1,346 @@
+"""Checkpoint loading without unpickling code, atomic saving, and MAE -> backbone weight mapping.
+
+* :func:`load_checkpoint_file` reads a torch file with ``weights_only=True`` (tensors, plain
+  containers and ``argparse.Namespace``); a file holding any other global is refused unread.
+* :func:`save_checkpoint_atomic` never leaves a half-written file behind.
+* :func:`load_mae_into_mimdet` / :func:`load_mae_into_benchmarking_vit` map a full MAE
+  pre-training checkpoint onto a backbone by state-dict name (SPEC §7), resizing position
+  tables; :func:`load_mae_weights` is what the launcher calls with ``mae_checkpoint.path``.
+* :class:`SafeDetectionCheckpointer` is detectron2's checkpointer with both of the above, and
+  resizing of fixed position tables whose grid differs from the model's.
+"""
+import argparse
+import contextlib
+import logging
+import math
+import os
+import pickletools
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Dict, Iterable, List, Mapping, Optional, Union
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from fvcore.common.checkpoint import _strip_prefix_if_present
+from torch import nn
+
+from .pos_embed import resize_pos_table
+
+__all__ = [
+    "LoadReport", "load_checkpoint_file", "save_checkpoint_atomic", "summarize_names",
+    "load_mae_into_mimdet", "load_mae_into_benchmarking_vit", "load_mae_weights",
+    "resize_pos_tables", "SafeDetectionCheckpointer",
+]
+
+logger = logging.getLogger(__name__)
+
+PathOrState = Union[str, os.PathLike, Mapping[str, Any]]
+_SAFE_GLOBALS = [argparse.Namespace]
+_ALLOWED_GLOBAL_NAMES = {"argparse.Namespace"}
+# Fixed position tables of the detectors: name suffix -> leading (cls) slots before the grid.
+_DETECTOR_POS_TABLES = {"encoder.pos_embed": 1, "decoder.decoder_pos_embed": 1, "bottom_up.pos_embed": 0}
+_FEW = 5
+
+
+@dataclass
+class LoadReport:
+    """What an MAE load did: backbone names set, backbone names left as initialised, file names unused."""
+
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+
+
+def _few(items: List[str]) -> str:
+    shown = ", ".join(items[:_FEW])
+    return shown + (f" (and {len(items) - _FEW} more)" if len(items) > _FEW else "")
+
+
+def _pickle_globals(path: str, max_pickles: int = 4) -> List[str]:
+    """Globals named by the leading pickles of a file (torch's legacy format has four in a row),
+    read with pickletools, so nothing is executed; a pickle that does not parse adds nothing."""
+    found: List[str] = []
+    with open(path, "rb") as f:
+        for _ in range(max_pickles):
+            names, strings = [], []
+            try:
+                for opcode, arg, _ in pickletools.genops(f):
+                    if opcode.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL":
+                        names.append(".".join(strings[-2:]) if len(strings) >= 2 else "<unknown>")
+                    elif isinstance(arg, str) and "UNICODE" in opcode.name:
+                        strings.append(arg)
+            except Exception:  # not (or no longer) a complete pickle
+                break
+            found += names
+    return found
+
+
+def _refuse_code(path: str, names: Iterable[str]) -> None:
+    bad = sorted({n for n in names if n not in _ALLOWED_GLOBAL_NAMES and not n.startswith("torch.")
+                  and n != "collections.OrderedDict"})
+    if bad:
+        raise ValueError(
+            f"{path}: refusing to load: the file contains code (disallowed pickle globals: {', '.join(bad)}); "
+            "only tensors, plain containers and argparse.Namespace are allowed. Nothing from it was run."
+        )
+
+
+def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read a torch checkpoint on the CPU with ``weights_only=True``, allowing ``argparse.Namespace``.
+
+    Raises FileNotFoundError if ``path`` is missing, ValueError if it is not a PyTorch
+    checkpoint, holds code (pickle globals other than tensors/containers/Namespace) or is not a dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as e:
+            raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
+        _refuse_code(path, names)
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if not is_zip:
+            _refuse_code(path, _pickle_globals(path))
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a PyTorch checkpoint that can be read safely ({first_line})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, found {type(data).__name__}")
+    return data
+
+
+def _write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through ``write`` into a temp file beside ``path``, fsync, then rename it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
+    _write_atomic(os.fspath(path), lambda f: torch.save(obj, f))
+
+
+def summarize_names(names: Iterable[str]) -> str:
+    """Compact listing: ``decoder_blocks.4.norm1.weight`` ... -> ``decoder_blocks.4-7.*``."""
+    groups: Dict[str, set] = {}
+    for name in names:
+        parts = name.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit() and i > 0), None)
+        if idx is not None:
+            groups.setdefault(".".join(parts[:idx]), set()).add(int(parts[idx]))
+        else:
+            groups.setdefault(".".join(parts[:-1]) + ".*" if len(parts) > 1 else name, set())
+    out = []
+    for key, indices in groups.items():
+        if not indices:
+            out.append(key)
+            continue
+        ordered, runs = sorted(indices), []
+        start = prev = ordered[0]
+        for i in ordered[1:] + [None]:
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            runs.append(f"{start}-{prev}" if prev != start else str(start))
+            start = prev = i
+        out.append(f"{key}.{','.join(runs)}.*")
+    return ", ".join(out) if out else "(none)"
+
+
+def _square_side(table: torch.Tensor, num_prefix: int) -> Optional[int]:
+    if table.dim() != 3 or table.shape[0] != 1 or table.shape[1] <= num_prefix:
+        return None
+    side = math.isqrt(table.shape[1] - num_prefix)
+    return side if side * side == table.shape[1] - num_prefix else None
+
+
+def _fit_table(value: torch.Tensor, target: torch.Tensor, num_prefix: int) -> Optional[torch.Tensor]:
+    """``value`` resized to ``target``'s square grid, or None if the two tables cannot correspond."""
+    src, dst = _square_side(value, num_prefix), _square_side(target, num_prefix)
+    if src is None or dst is None or value.shape[-1] != target.shape[-1]:
+        return None
+    return resize_pos_table(value, (src, src), (dst, dst), num_prefix)
+
+
+def _mae_state(path_or_state: PathOrState) -> Mapping[str, Any]:
+    if isinstance(path_or_state, (str, os.PathLike)):
+        path_or_state = load_checkpoint_file(path_or_state)
+    model = path_or_state.get("model")
+    return model if isinstance(model, Mapping) else path_or_state
+
+
+def _load_mapped(backbone: nn.Module, path_or_state: PathOrState, source_of: Callable[[str], Optional[str]],
+                 pos_tables: Dict[str, int], what: str) -> LoadReport:
+    """Copy ``state[source_of(name)]`` into each backbone entry that has a source; check, then log."""
+    state, target = _mae_state(path_or_state), backbone.state_dict()
+    plan = {name: source_of(name) for name in target}
+    plan = {name: src for name, src in plan.items() if src is not None}
+    absent = [src for src in plan.values() if src not in state]
+    if absent:
+        hint = ("; it looks like a detector checkpoint: load it with train.init_checkpoint="
+                if any(k.startswith("backbone.") for k in state) else "")
+        raise ValueError(
+            f"not an MAE checkpoint for this {what}: it lacks {len(absent)} entries the backbone needs: "
+            f"{summarize_names(absent)} (the checkpoint holds {summarize_names(list(state))}){hint}"
+        )
+    new, mismatched = {}, []
+    for name, src in plan.items():
+        value = state[src]
+        if not isinstance(value, torch.Tensor):
+            mismatched.append(f"{src}: checkpoint holds a {type(value).__name__}")
+            continue
+        if src in pos_tables:
+            value = _fit_table(value, target[name], pos_tables[src])
+        if value is None or value.shape != target[name].shape:
+            mismatched.append(f"{src}: checkpoint {tuple(state[src].shape)} vs backbone {tuple(target[name].shape)}")
+        else:
+            new[name] = value
+    if mismatched:
+        raise ValueError(f"MAE checkpoint does not fit this {what} ({len(mismatched)} entries): {_few(mismatched)}")
+    with torch.no_grad():
+        backbone.load_state_dict(new, strict=False)
+    used = set(plan.values())
+    report = LoadReport(loaded=list(new), missing=[n for n in target if n not in new],
+                        unused=[k for k in state if k not in used])
+    logger.info("MAE weights -> %s: loaded %d entries: %s", what, len(report.loaded), summarize_names(report.loaded))
+    logger.info("%s entries not in MAE (kept as initialised): %s", what, summarize_names(report.missing))
+    logger.info("MAE checkpoint entries unused by %s: %s", what, summarize_names(report.unused))
+    return report
+
+
+_MIMDET_TAKES = {"encoder.": ("blocks.", "norm.", "pos_embed"),
+                 "decoder.": ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "mask_token", "decoder_pos_embed")}
+
+
+def _mimdet_source(name: str) -> Optional[str]:
+    for scope, taken in _MIMDET_TAKES.items():
+        rest = name[len(scope):]
+        if name.startswith(scope) and any(rest == t or (t.endswith(".") and rest.startswith(t)) for t in taken):
+            return rest
+    return None
+
+
+def load_mae_into_mimdet(backbone: nn.Module, path_or_state: PathOrState) -> LoadReport:
+    """Load a full MAE checkpoint (file, ``{"model": sd, ...}`` or a state dict) into a MIMDet backbone.
+
+    The encoder takes blocks, norm and pos_embed, the decoder decoder_embed, decoder_blocks,
+    decoder_norm, mask_token (if it has one) and decoder_pos_embed; both tables are resized
+    from the checkpoint's grid (14x14 for MAE) to the backbone's. Raises ValueError if the
+    checkpoint lacks an entry the backbone needs or its shapes belong to another model.
+    """
+    return _load_mapped(backbone, path_or_state, _mimdet_source, {"pos_embed": 1, "decoder_pos_embed": 1},
+                        "MIMDet backbone")
+
+
+def load_mae_into_benchmarking_vit(backbone: nn.Module, path_or_state: PathOrState) -> LoadReport:
+    """Load a full MAE checkpoint's blocks and 16x16 patch embedding into a Benchmarking ViT.
+
+    MAE's position table is not used: the Benchmarking ViT keeps its MoCo-v3 table (SPEC §5).
+    """
+    def source_of(name: str) -> Optional[str]:
+        return name if name.startswith(("blocks.", "patch_embed.proj.")) else None
+
+    return _load_mapped(backbone, path_or_state, source_of, {}, "Benchmarking ViT")
+
+
+def load_mae_weights(model: nn.Module, path: Optional[Union[str, os.PathLike]]) -> Optional[LoadReport]:
+    """Load ``mae_checkpoint.path`` into a detector's ``backbone.bottom_up`` (or a bare backbone)."""
+    if not path:
+        logger.warning("no MAE checkpoint: backbone starts from random weights")
+        return None
+    module = getattr(model, "module", model)  # (Distributed)DataParallel
+    backbone = getattr(module, "backbone", module)
+    bottom_up = getattr(backbone, "bottom_up", backbone)
+    kind = type(bottom_up).__name__
+    if kind == "MIMDetBackbone" or (hasattr(bottom_up, "encoder") and hasattr(bottom_up, "decoder")):
+        return load_mae_into_mimdet(bottom_up, path)
+    if kind == "BenchmarkingViT" or (hasattr(bottom_up, "patch_embed") and hasattr(bottom_up, "blocks")):
+        return load_mae_into_benchmarking_vit(bottom_up, path)
+    raise TypeError(f"no MAE loader for backbone {kind}: expected a MIMDetBackbone or a BenchmarkingViT")
+
+
+def resize_pos_tables(state: Dict[str, Any], model_state: Mapping[str, torch.Tensor]) -> List[str]:
+    """Resize, in ``state``, each fixed position table whose grid differs from ``model_state``'s.
+
+    Tables: ``*encoder.pos_embed`` and ``*decoder.decoder_pos_embed`` (MAE layout, one cls slot),
+    ``*bottom_up.pos_embed`` (Benchmarking, none). Returns the resized names; a table that
+    cannot be resized (other width, non-square grid) is a ValueError, never dropped.
+    """
+    resized = []
+    for key, value in list(state.items()):
+        num_prefix = next((p for s, p in _DETECTOR_POS_TABLES.items() if key == s or key.endswith("." + s)), None)
+        if num_prefix is None or key not in model_state or tuple(value.shape) == tuple(model_state[key].shape):
+            continue
+        fitted = _fit_table(torch.as_tensor(value), model_state[key], num_prefix)
+        if fitted is None:
+            raise ValueError(f"position table {key}: checkpoint {tuple(value.shape)} cannot be resized to the "
+                             f"model's {tuple(model_state[key].shape)} (needs the same width and square grids)")
+        logger.info("resized %s from %s to %s", key, tuple(value.shape), tuple(fitted.shape))
+        state[key] = fitted
+        resized.append(key)
+    return resized
+
+
+class SafeDetectionCheckpointer(DetectionCheckpointer):
+    """detectron2's DetectionCheckpointer that reads with ``weights_only=True``, resizes fixed
+    position tables to the model's grid and writes checkpoints and ``last_checkpoint`` atomically.
+
+    Detectron/Caffe2 ``.pkl`` files are refused: plain pickles can run code.
+    """
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            raise ValueError(f"{filename}: .pkl (Detectron/Caffe2 pickle) files are not supported, they can "
+                             "run code when read; only PyTorch checkpoints (.pth/.pt) are")
+        loaded = load_checkpoint_file(filename)
+        return loaded if "model" in loaded else {"model": loaded}
+
+    def _load_model(self, checkpoint: Dict[str, Any]):
+        _strip_prefix_if_present(checkpoint["model"], "module.")
+        resize_pos_tables(checkpoint["model"], self.model.state_dict())
+        return super()._load_model(checkpoint)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``<save_dir>/<name>.pth`` atomically, then point ``last_checkpoint`` at it."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        os.makedirs(self.save_dir, exist_ok=True)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        save_checkpoint_atomic(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        _write_atomic(os.path.join(self.save_dir, "last_checkpoint"),
+                      lambda f: f.write(last_filename_basename.encode()))

@@ -1,0 +1,336 @@
+"""Checkpoint reading (weights only), atomic writing, MAE -> backbone mapping, detector checkpoints."""
+import argparse
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Dict
+
+import models  # noqa: F401  (before detectron2)
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from models.checkpoint import (
+    SafeDetectionCheckpointer,
+    load_checkpoint_file,
+    load_mae_into_benchmarking_vit,
+    load_mae_into_mimdet,
+    load_mae_weights,
+    save_checkpoint_atomic,
+)
+from models.pos_embed import resize_pos_table
+
+INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
+TINY = dict(embed_dim=64, depth=2, decoder_dim=32, decoder_depth=8)
+
+
+def mae_shapes(embed_dim=768, depth=12, decoder_dim=512, decoder_depth=8, grid=14, patch=16) -> Dict:
+    """Names and shapes of MAE's full pre-training model (models_mae.py) state dict."""
+    shapes = {"cls_token": (1, 1, embed_dim), "pos_embed": (1, 1 + grid * grid, embed_dim),
+              "mask_token": (1, 1, decoder_dim), "decoder_pos_embed": (1, 1 + grid * grid, decoder_dim),
+              "patch_embed.proj.weight": (embed_dim, 3, patch, patch), "patch_embed.proj.bias": (embed_dim,),
+              "norm.weight": (embed_dim,), "norm.bias": (embed_dim,),
+              "decoder_embed.weight": (decoder_dim, embed_dim), "decoder_embed.bias": (decoder_dim,),
+              "decoder_norm.weight": (decoder_dim,), "decoder_norm.bias": (decoder_dim,),
+              "decoder_pred.weight": (patch * patch * 3, decoder_dim), "decoder_pred.bias": (patch * patch * 3,)}
+    for prefix, count, dim in (("blocks", depth, embed_dim), ("decoder_blocks", decoder_depth, decoder_dim)):
+        for i in range(count):
+            for layer, (out, inp) in {"norm1": (dim, None), "attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim),
+                                      "norm2": (dim, None), "mlp.fc1": (4 * dim, dim), "mlp.fc2": (dim, 4 * dim)}.items():
+                shapes[f"{prefix}.{i}.{layer}.weight"] = (out,) if inp is None else (out, inp)
+                shapes[f"{prefix}.{i}.{layer}.bias"] = (out,)
+    return shapes
+
+
+def mae_state_dict(**dims) -> Dict[str, torch.Tensor]:
+    """Random tensors in an MAE full pre-training state dict of the given dims."""
+    return {name: torch.randn(shape) for name, shape in mae_shapes(**dims).items()}
+
+
+def mae_file(tmp_path, **dims) -> Path:
+    path = tmp_path / "mae_full.pth"
+    torch.save({"model": mae_state_dict(**dims), "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+                "epoch": 1599, "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model="mae_vit_base_patch16")},
+               path)
+    return path
+
+
+def _table(tokens: int, dim: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(1, tokens, dim), requires_grad=False)
+
+
+class StandInMIMDet(nn.Module):
+    """MIMDetBackbone's state-dict names: encoder {pos_embed, patch_embed (conv stem), blocks, norm},
+    decoder {decoder_embed, mask_token | conv_feat_proj, decoder_pos_embed, decoder_blocks, decoder_norm}."""
+
+    def __init__(self, embed_dim=64, depth=2, decoder_dim=32, img_size=64, fill_mode="mask_token"):
+        super().__init__()
+        self.img_size, grid = img_size, img_size // 16
+        self.encoder, self.decoder = nn.Module(), nn.Module()
+        self.encoder.pos_embed = _table(1 + grid * grid, embed_dim)
+        self.encoder.patch_embed = nn.Module()
+        self.encoder.patch_embed.proj = nn.Sequential(nn.Conv2d(3, embed_dim, 3, bias=False), nn.GroupNorm(1, embed_dim))
+        self.encoder.blocks = nn.ModuleList(Block(embed_dim, 4, qkv_bias=True) for _ in range(depth))
+        self.encoder.norm = nn.LayerNorm(embed_dim)
+        self.decoder.decoder_embed = nn.Linear(embed_dim, decoder_dim)
+        if fill_mode == "mask_token":
+            self.decoder.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        else:
+            self.decoder.conv_feat_proj = nn.Linear(embed_dim, decoder_dim)
+        self.decoder.decoder_pos_embed = _table(1 + grid * grid, decoder_dim)
+        self.decoder.decoder_blocks = nn.ModuleList(Block(decoder_dim, 4, qkv_bias=True) for _ in range(4))
+        self.decoder.decoder_norm = nn.LayerNorm(decoder_dim)
+
+
+class StandInBenchmarkingViT(nn.Module):
+    """BenchmarkingViT's names: patch_embed.proj, pos_embed (no cls slot), blocks, rel-pos table, adaptor."""
+
+    def __init__(self, embed_dim=64, depth=2, img_size=64):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, 16, 16)
+        self.pos_embed = nn.Parameter(torch.randn(1, (img_size // 16) ** 2, embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, 4, qkv_bias=True) for _ in range(depth))
+        self.windowed_rel_pos_bias = nn.Module()
+        self.windowed_rel_pos_bias.relative_position_bias_table = nn.Parameter(torch.zeros(961, 4))
+        self.ms_adaptor = nn.ModuleList([nn.ConvTranspose2d(embed_dim, embed_dim, 2, 2)])
+
+
+class StandInDetector(nn.Module):
+    def __init__(self, bottom_up: nn.Module):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.bottom_up = bottom_up
+        self.head = nn.Linear(8, 2)
+
+
+class Evil:
+    """Unpickling this would run a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("size", ["b", "l"])
+def test_mae_generator_matches_interop_tsv(size):
+    tsv = INTEROP / f"mae_pretrain_vit_{size}_full.tsv"
+    if not tsv.exists():
+        pytest.skip(f"{tsv} not present (the shared interop tables sit beside the clone)")
+    expected = {line.split("\t")[0]: line.split("\t")[1] for line in tsv.read_text().splitlines()
+                if line and not line.startswith("#")}
+    dims = dict(embed_dim=768, depth=12) if size == "b" else dict(embed_dim=1024, depth=24)
+    generated = {name: str(tuple(shape)) for name, shape in mae_shapes(**dims).items()}
+    assert generated == expected
+
+
+def test_reads_mae_checkpoint_with_namespace(tmp_path):
+    data = load_checkpoint_file(mae_file(tmp_path, **TINY))
+    assert data["args"].model == "mae_vit_base_patch16" and data["epoch"] == 1599
+    assert data["model"]["pos_embed"].shape == (1, 197, 64)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_checkpoint_file(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("content", ["random", "text", "empty", "zip"])
+def test_non_checkpoints_are_refused(tmp_path, content):
+    path = tmp_path / f"{content}.pth"
+    if content == "zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("hello.txt", "hi")
+    else:
+        path.write_bytes({"random": os.urandom(4096), "text": b"hello world\n", "empty": b""}[content])
+    with pytest.raises(ValueError, match=rf"{content}\.pth.*not a PyTorch checkpoint"):
+        load_checkpoint_file(path)
+
+
+@pytest.mark.parametrize("writer", ["torch_zip", "torch_legacy", "pickle_p2", "pickle_p5"])
+def test_pickled_code_is_refused_and_never_runs(tmp_path, writer):
+    marker, path = tmp_path / "PWNED", tmp_path / "evil.pth"
+    payload = {"model": {"w": torch.ones(2)}, "args": Evil(marker)}
+    if writer.startswith("torch"):
+        torch.save(payload, path, _use_new_zipfile_serialization=writer == "torch_zip")
+    else:
+        path.write_bytes(pickle.dumps({"args": Evil(marker)}, protocol=int(writer[-1])))
+    with pytest.raises(ValueError, match=r"evil\.pth.*contains code.*posix\.system"):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint_atomic({"v": torch.tensor([1.0])}, path)
+    assert load_checkpoint_file(path)["v"].item() == 1.0
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint_atomic({"v": torch.tensor([2.0])}, path)
+    monkeypatch.undo()
+    assert load_checkpoint_file(path)["v"].item() == 1.0
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
+
+
+@pytest.mark.parametrize("fill_mode", ["mask_token", "conv_feature"])
+def test_mae_into_mimdet(tmp_path, caplog, fill_mode):
+    path, backbone = mae_file(tmp_path, **TINY), StandInMIMDet(img_size=128, fill_mode=fill_mode)
+    with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        report = load_mae_into_mimdet(backbone, path)
+    mae, sd = load_checkpoint_file(path)["model"], backbone.state_dict()
+    for i in range(2):
+        assert torch.equal(sd[f"encoder.blocks.{i}.attn.qkv.weight"], mae[f"blocks.{i}.attn.qkv.weight"])
+    for i in range(4):
+        assert torch.equal(sd[f"decoder.decoder_blocks.{i}.mlp.fc2.bias"], mae[f"decoder_blocks.{i}.mlp.fc2.bias"])
+    for name in ("norm.weight", "decoder_embed.weight", "decoder_norm.bias"):
+        scope = "encoder" if name.startswith("norm") else "decoder"
+        assert torch.equal(sd[f"{scope}.{name}"], mae[name])
+    assert torch.equal(sd["encoder.pos_embed"], resize_pos_table(mae["pos_embed"], (14, 14), (8, 8), 1))
+    assert torch.equal(sd["decoder.decoder_pos_embed"],
+                       resize_pos_table(mae["decoder_pos_embed"], (14, 14), (8, 8), 1))
+    assert sd["encoder.pos_embed"].shape == (1, 65, 64)
+    assert all(name.startswith("encoder.patch_embed") or "conv_feat_proj" in name for name in report.missing)
+    unused = {"cls_token", "patch_embed.proj.weight", "decoder_blocks.4.norm1.weight", "decoder_pred.bias"}
+    assert unused <= set(report.unused) and ("mask_token" in report.unused) == (fill_mode == "conv_feature")
+    if fill_mode == "mask_token":
+        assert torch.equal(sd["decoder.mask_token"], mae["mask_token"])
+    else:
+        assert "decoder.conv_feat_proj.weight" in report.missing
+    for text in ("decoder_blocks.4-7.*", "cls_token", "patch_embed.proj.*", "decoder_pred.*", "encoder.patch_embed"):
+        assert text in caplog.text
+
+
+def test_mae_from_memory_and_bare_state_dict():
+    state = mae_state_dict(**TINY)
+    for source in ({"model": state, "epoch": 3}, state):
+        backbone = StandInMIMDet(img_size=224)  # 14x14: the table is taken as is
+        load_mae_into_mimdet(backbone, source)
+        assert torch.equal(backbone.encoder.pos_embed, state["pos_embed"])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("vit_l", r"blocks\.0\.attn\.qkv\.weight: checkpoint \(288, 96\) vs backbone \(192, 64\)"),
+    ("shallow", r"lacks .*blocks\.1\.\*"),
+    ("not_mae", r"not an MAE checkpoint.*lacks .*blocks\.0-1\.\*.*holds foo"),
+    ("detector", r"train\.init_checkpoint"),
+])
+def test_mae_mismatches_are_named(case, message):
+    state = {"vit_l": lambda: mae_state_dict(embed_dim=96, depth=2, decoder_dim=32),
+             "shallow": lambda: mae_state_dict(**dict(TINY, depth=1)),
+             "not_mae": lambda: {"foo.weight": torch.ones(1)},
+             "detector": lambda: {f"backbone.bottom_up.encoder.{k}": v for k, v in mae_state_dict(**TINY).items()}}[case]()
+    with pytest.raises(ValueError, match=message):
+        load_mae_into_mimdet(StandInMIMDet(), state)
+
+
+def test_mae_into_benchmarking_vit(caplog):
+    state, backbone = mae_state_dict(**TINY), StandInBenchmarkingViT()
+    pos_before = backbone.pos_embed.detach().clone()
+    with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        report = load_mae_into_benchmarking_vit(backbone, state)
+    sd = backbone.state_dict()
+    assert torch.equal(sd["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
+    assert torch.equal(sd["blocks.1.mlp.fc1.weight"], state["blocks.1.mlp.fc1.weight"])
+    assert torch.equal(sd["pos_embed"], pos_before)
+    assert {"pos_embed", "windowed_rel_pos_bias.relative_position_bias_table"} <= set(report.missing)
+    assert {"pos_embed", "norm.weight", "cls_token", "decoder_blocks.0.norm1.bias"} <= set(report.unused)
+    assert "decoder_blocks.0-7.*" in caplog.text
+
+
+def test_load_mae_weights_dispatches(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="models.checkpoint"):
+        assert load_mae_weights(StandInDetector(StandInMIMDet()), None) is None
+    assert "no MAE checkpoint: backbone starts from random weights" in caplog.text
+    path = mae_file(tmp_path, **TINY)
+    mimdet, vit = StandInDetector(StandInMIMDet()), StandInDetector(StandInBenchmarkingViT())
+    assert "encoder.norm.weight" in load_mae_weights(mimdet, str(path)).loaded
+    assert "patch_embed.proj.weight" in load_mae_weights(vit, path).loaded
+    assert "blocks.0.norm1.weight" in load_mae_weights(StandInBenchmarkingViT(), path).loaded
+    with pytest.raises(TypeError, match="no MAE loader"):
+        load_mae_weights(nn.Linear(2, 2), path)
+
+
+def _detector_file(tmp_path, model: nn.Module) -> Path:
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict(), "iteration": 5}, path)
+    return path
+
+
+def test_detector_checkpoint_loads_exactly(tmp_path):
+    source = StandInDetector(StandInMIMDet(fill_mode="conv_feature"))
+    for p in source.parameters():
+        nn.init.normal_(p)
+    path, target = _detector_file(tmp_path, source), StandInDetector(StandInMIMDet(fill_mode="conv_feature"))
+    checkpointer = SafeDetectionCheckpointer(target)
+    incompatible = checkpointer._load_model(checkpointer._load_file(str(path)))
+    assert not (incompatible.missing_keys or incompatible.unexpected_keys or incompatible.incorrect_shapes)
+    assert SafeDetectionCheckpointer(target).load(str(path)) == {"iteration": 5}
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("bottom_up", ["mimdet", "benchmarking"])
+def test_detector_pos_tables_are_resized(tmp_path, bottom_up):
+    def build(img_size):
+        cls = StandInMIMDet if bottom_up == "mimdet" else StandInBenchmarkingViT
+        return StandInDetector(cls(img_size=img_size))
+
+    source = build(64)
+    for p in source.parameters():
+        nn.init.normal_(p)
+    target = build(128)
+    SafeDetectionCheckpointer(target).load(str(_detector_file(tmp_path, source)))
+    tables = ({"encoder.pos_embed": 1, "decoder.decoder_pos_embed": 1} if bottom_up == "mimdet" else {"pos_embed": 0})
+    for name, prefix in tables.items():
+        key = f"backbone.bottom_up.{name}"
+        assert target.state_dict()[key].shape[1] == prefix + 64
+        expected = resize_pos_table(source.state_dict()[key], (4, 4), (8, 8), prefix)
+        assert torch.equal(target.state_dict()[key], expected)
+
+
+def test_detector_checkpointer_refuses_code_and_pkl(tmp_path):
+    marker, model = tmp_path / "PWNED", StandInDetector(StandInMIMDet())
+    torch.save({"model": model.state_dict(), "evil": Evil(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="contains code"):
+        SafeDetectionCheckpointer(model).load(str(tmp_path / "evil.pth"))
+    (tmp_path / "zoo.pkl").write_bytes(pickle.dumps({"model": {}, "__author__": "x"}))
+    with pytest.raises(ValueError, match=r"zoo\.pkl.*only PyTorch checkpoints"):
+        SafeDetectionCheckpointer(model).load(str(tmp_path / "zoo.pkl"))
+    assert not marker.exists()
+
+
+def test_detector_checkpointer_saves_atomically_and_resumes(tmp_path, monkeypatch):
+    model = StandInDetector(StandInMIMDet())
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    model.head(torch.ones(1, 8)).sum().backward()
+    optimizer.step()
+    checkpointer = SafeDetectionCheckpointer(model, str(tmp_path / "out"), optimizer=optimizer)
+    checkpointer.save("model_0000004", iteration=4)
+    assert (tmp_path / "out" / "last_checkpoint").read_text() == "model_0000004.pth"
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.save("model_0000009", iteration=9)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "out")) == ["last_checkpoint", "model_0000004.pth"]
+
+    fresh_optimizer = torch.optim.AdamW(model.head.parameters(), lr=1e-3)
+    resumed = SafeDetectionCheckpointer(model, str(tmp_path / "out"), optimizer=fresh_optimizer)
+    assert resumed.resume_or_load("", resume=True) == {"iteration": 4}
+    saved, restored = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys() == {0, 1}
+    assert all(torch.equal(saved[k]["exp_avg"], restored[k]["exp_avg"]) for k in saved)
