@@ -1,13 +1,8 @@
-"""Checkpoint loading without unpickling code, atomic saving, and MAE -> backbone weight mapping.
-
-* :func:`load_checkpoint_file` reads a torch file with ``weights_only=True`` (tensors, plain
-  containers and ``argparse.Namespace``); a file holding any other global is refused unread.
-* :func:`save_checkpoint_atomic` never leaves a half-written file behind.
-* :func:`load_mae_into_mimdet` / :func:`load_mae_into_benchmarking_vit` map a full MAE
-  pre-training checkpoint onto a backbone by state-dict name (SPEC §7), resizing position
-  tables; :func:`load_mae_weights` is what the launcher calls with ``mae_checkpoint.path``.
-* :class:`SafeDetectionCheckpointer` is detectron2's checkpointer with both of the above, and
-  resizing of fixed position tables whose grid differs from the model's.
+"""Checkpoints, safely: weights-only reads that refuse pickled code, atomic writes, MAE weights
+mapped onto the MIMDet / Benchmarking-ViT backbones by state-dict name (SPEC §7), and
+:class:`SafeDetectionCheckpointer`, detectron2's checkpointer with all of that plus resizing
+of fixed position tables to the model's grid. The launcher calls :func:`load_mae_weights`
+with ``mae_checkpoint.path``, then ``SafeDetectionCheckpointer`` with ``train.init_checkpoint``.
 """
 import argparse
 import contextlib
@@ -39,6 +34,7 @@ logger = logging.getLogger(__name__)
 PathOrState = Union[str, os.PathLike, Mapping[str, Any]]
 _SAFE_GLOBALS = [argparse.Namespace]
 _ALLOWED_GLOBAL_NAMES = {"argparse.Namespace"}
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict")  # what torch's legacy format needs for tensors
 # Fixed position tables of the detectors: name suffix -> leading (cls) slots before the grid.
 _DETECTOR_POS_TABLES = {"encoder.pos_embed": 1, "decoder.decoder_pos_embed": 1, "bottom_up.pos_embed": 0}
 _FEW = 5
@@ -80,8 +76,7 @@ def _pickle_globals(path: str, max_pickles: int = 4) -> List[str]:
 
 
 def _refuse_code(path: str, names: Iterable[str]) -> None:
-    bad = sorted({n for n in names if n not in _ALLOWED_GLOBAL_NAMES and not n.startswith("torch.")
-                  and n != "collections.OrderedDict"})
+    bad = sorted(set(names) - _ALLOWED_GLOBAL_NAMES)
     if bad:
         raise ValueError(
             f"{path}: refusing to load: the file contains code (disallowed pickle globals: {', '.join(bad)}); "
@@ -110,8 +105,8 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if not is_zip:
-            _refuse_code(path, _pickle_globals(path))
+        if not is_zip:  # a legacy/plain pickle: name what it would have imported, beyond tensor rebuilding
+            _refuse_code(path, [n for n in _pickle_globals(path) if not n.startswith(_TENSOR_GLOBALS)])
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a PyTorch checkpoint that can be read safely ({first_line})") from e
     if not isinstance(data, dict):
@@ -159,18 +154,14 @@ def summarize_names(names: Iterable[str]) -> str:
             groups.setdefault(".".join(parts[:-1]) + ".*" if len(parts) > 1 else name, set())
     out = []
     for key, indices in groups.items():
-        if not indices:
-            out.append(key)
-            continue
-        ordered, runs = sorted(indices), []
-        start = prev = ordered[0]
-        for i in ordered[1:] + [None]:
-            if i is not None and i == prev + 1:
-                prev = i
-                continue
-            runs.append(f"{start}-{prev}" if prev != start else str(start))
-            start = prev = i
-        out.append(f"{key}.{','.join(runs)}.*")
+        runs: List[List[int]] = []
+        for i in sorted(indices):
+            if runs and i == runs[-1][1] + 1:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i])
+        spans = ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in runs)
+        out.append(f"{key}.{spans}.*" if runs else key)
     return ", ".join(out) if out else "(none)"
 
 
@@ -270,7 +261,7 @@ def load_mae_into_benchmarking_vit(backbone: nn.Module, path_or_state: PathOrSta
     return _load_mapped(backbone, path_or_state, source_of, {}, "Benchmarking ViT")
 
 
-def load_mae_weights(model: nn.Module, path: Optional[Union[str, os.PathLike]]) -> Optional[LoadReport]:
+def load_mae_weights(model: nn.Module, path: Optional[PathOrState]) -> Optional[LoadReport]:
     """Load ``mae_checkpoint.path`` into a detector's ``backbone.bottom_up`` (or a bare backbone)."""
     if not path:
         logger.warning("no MAE checkpoint: backbone starts from random weights")
