@@ -195,8 +195,11 @@ def _load_mapped(backbone: nn.Module, path_or_state: PathOrState, source_of: Cal
     plan = {name: src for name, src in plan.items() if src is not None}
     absent = [src for src in plan.values() if src not in state]
     if absent:
-        hint = ("; it looks like a detector checkpoint: load it with train.init_checkpoint="
-                if any(k.startswith("backbone.") for k in state) else "")
+        hint = ""
+        if any(k.startswith("backbone.") for k in state):
+            hint = "; it looks like a detector checkpoint: load it with train.init_checkpoint="
+        elif all(src.startswith("decoder") or src == "mask_token" for src in absent):
+            hint = "; MIMDet needs MAE's full pre-training checkpoint (with the decoder), e.g. *_full.pth"
         raise ValueError(
             f"not an MAE checkpoint for this {what}: it lacks {len(absent)} entries the backbone needs: "
             f"{summarize_names(absent)} (the checkpoint holds {summarize_names(list(state))}){hint}"

@@ -223,11 +223,14 @@ def test_mae_from_memory_and_bare_state_dict():
     ("shallow", r"lacks .*blocks\.1\.\*"),
     ("not_mae", r"not an MAE checkpoint.*lacks .*blocks\.0-1\.\*.*holds foo"),
     ("detector", r"train\.init_checkpoint"),
+    ("encoder_only", r"lacks .*mask_token.*decoder_blocks\.0-3\.\*.*full pre-training checkpoint"),
 ])
 def test_mae_mismatches_are_named(case, message):
     state = {"vit_l": lambda: mae_state_dict(embed_dim=96, depth=2, decoder_dim=32),
              "shallow": lambda: mae_state_dict(**dict(TINY, depth=1)),
              "not_mae": lambda: {"foo.weight": torch.ones(1)},
+             "encoder_only": lambda: {k: v for k, v in mae_state_dict(**TINY).items()
+                                      if not k.startswith("decoder") and k != "mask_token"},
              "detector": lambda: {f"backbone.bottom_up.encoder.{k}": v for k, v in mae_state_dict(**TINY).items()}}[case]()
     with pytest.raises(ValueError, match=message):
         load_mae_into_mimdet(StandInMIMDet(), state)
