@@ -345,10 +345,9 @@ def test_pickled_module_is_refused(tmp_path):
         load_checkpoint_file(tmp_path / "whole_model.pth")
 
 
-def test_real_backbones_take_mae_weights(tmp_path):
-    """The project's own backbones at toy widths (skipped until their modules exist)."""
+def test_real_mimdet_backbone_takes_mae_weights():
+    """The project's MIMDet backbone at toy widths (skipped until models/mimdet.py exists)."""
     mimdet = pytest.importorskip("models.mimdet")
-    benchmarking = pytest.importorskip("models.benchmarking_vit")
     state = mae_state_dict(**TINY)
     for fill_mode in ("mask_token", "conv_feature"):
         backbone = mimdet.MIMDetBackbone(
@@ -357,12 +356,21 @@ def test_real_backbones_take_mae_weights(tmp_path):
             fill_mode=fill_mode, checkpoint_stem=False, checkpoint_encoder=False, checkpoint_decoder=False,
             out_features=["c2", "c3", "c4", "c5"])
         report = load_mae_weights(backbone, state)
-        assert all(n.startswith("encoder.patch_embed.") or n.startswith("decoder.conv_feat_proj.")
-                   for n in report.missing), report.missing
+        assert all(n.startswith(("encoder.patch_embed.", "decoder.conv_feat_proj.")) for n in report.missing)
+        assert ("decoder.mask_token" in report.loaded) == (fill_mode == "mask_token")
         assert torch.equal(backbone.encoder.pos_embed, resize_pos_table(state["pos_embed"], (14, 14), (8, 8), 1))
+        assert torch.equal(backbone.decoder.decoder_blocks[3].mlp.fc2.weight, state["decoder_blocks.3.mlp.fc2.weight"])
+
+
+def test_real_benchmarking_vit_takes_mae_weights():
+    """The project's Benchmarking ViT at toy widths (skipped until models/benchmarking_vit.py exists)."""
+    benchmarking = pytest.importorskip("models.benchmarking_vit")
     vit = benchmarking.BenchmarkingViT(
-        img_size=128, patch_size=16, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0, drop_path_rate=0.0,
+        img_size=128, patch_size=16, embed_dim=64, depth=8, num_heads=4, mlp_ratio=4.0, drop_path_rate=0.0,
         norm_eps=1e-6, window_size=4, global_every=2, use_act_checkpoint=False, out_features=["s0", "s1", "s2", "s3"])
-    report = load_mae_weights(vit, mae_state_dict(**dict(TINY, depth=4)))
-    assert {"patch_embed.proj.weight", "blocks.3.mlp.fc2.weight"} <= set(report.loaded)
-    assert "pos_embed" in report.missing
+    state = mae_state_dict(**dict(TINY, depth=8))
+    pos_before = vit.pos_embed.detach().clone()
+    report = load_mae_weights(vit, state)
+    assert {"patch_embed.proj.weight", "blocks.7.mlp.fc2.weight"} <= set(report.loaded)
+    assert torch.equal(vit.blocks[7].mlp.fc2.weight, state["blocks.7.mlp.fc2.weight"])
+    assert "pos_embed" in report.missing and torch.equal(vit.pos_embed, pos_before)
