@@ -140,10 +140,13 @@ def test_missing_file_is_named(tmp_path):
         load_checkpoint_file(tmp_path / "nope.pth")
 
 
-@pytest.mark.parametrize("content", ["random", "text", "empty", "zip"])
+@pytest.mark.parametrize("content", ["random", "text", "empty", "zip", "truncated"])
 def test_non_checkpoints_are_refused(tmp_path, content):
     path = tmp_path / f"{content}.pth"
-    if content == "zip":
+    if content == "truncated":
+        torch.save({"model": {"w": torch.randn(64, 64)}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif content == "zip":
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("hello.txt", "hi")
     else:
