@@ -37,9 +37,10 @@ def mae_shapes(embed_dim=768, depth=12, decoder_dim=512, decoder_depth=8, grid=1
               "decoder_norm.weight": (decoder_dim,), "decoder_norm.bias": (decoder_dim,),
               "decoder_pred.weight": (patch * patch * 3, decoder_dim), "decoder_pred.bias": (patch * patch * 3,)}
     for prefix, count, dim in (("blocks", depth, embed_dim), ("decoder_blocks", decoder_depth, decoder_dim)):
+        layers = {"norm1": (dim, None), "attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim),
+                  "norm2": (dim, None), "mlp.fc1": (4 * dim, dim), "mlp.fc2": (dim, 4 * dim)}
         for i in range(count):
-            for layer, (out, inp) in {"norm1": (dim, None), "attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim),
-                                      "norm2": (dim, None), "mlp.fc1": (4 * dim, dim), "mlp.fc2": (dim, 4 * dim)}.items():
+            for layer, (out, inp) in layers.items():
                 shapes[f"{prefix}.{i}.{layer}.weight"] = (out,) if inp is None else (out, inp)
                 shapes[f"{prefix}.{i}.{layer}.bias"] = (out,)
     return shapes
@@ -72,7 +73,8 @@ class StandInMIMDet(nn.Module):
         self.encoder, self.decoder = nn.Module(), nn.Module()
         self.encoder.pos_embed = _table(1 + grid * grid, embed_dim)
         self.encoder.patch_embed = nn.Module()
-        self.encoder.patch_embed.proj = nn.Sequential(nn.Conv2d(3, embed_dim, 3, bias=False), nn.GroupNorm(1, embed_dim))
+        stem = [nn.Conv2d(3, embed_dim, 3, bias=False), nn.GroupNorm(1, embed_dim)]
+        self.encoder.patch_embed.proj = nn.Sequential(*stem)
         self.encoder.blocks = nn.ModuleList(Block(embed_dim, 4, qkv_bias=True) for _ in range(depth))
         self.encoder.norm = nn.LayerNorm(embed_dim)
         self.decoder.decoder_embed = nn.Linear(embed_dim, decoder_dim)
@@ -234,7 +236,8 @@ def test_mae_mismatches_are_named(case, message):
              "not_mae": lambda: {"foo.weight": torch.ones(1)},
              "encoder_only": lambda: {k: v for k, v in mae_state_dict(**TINY).items()
                                       if not k.startswith("decoder") and k != "mask_token"},
-             "detector": lambda: {f"backbone.bottom_up.encoder.{k}": v for k, v in mae_state_dict(**TINY).items()}}[case]()
+             "detector": lambda: {f"backbone.bottom_up.encoder.{k}": v
+                                  for k, v in mae_state_dict(**TINY).items()}}[case]()
     with pytest.raises(ValueError, match=message):
         load_mae_into_mimdet(StandInMIMDet(), state)
 
