@@ -1,0 +1,253 @@
+"""Every seed config: loads, builds the full-size detector with the released layout, trains a step.
+
+Full-size models are built (a second or two each); forward/backward passes run on two small
+generated images with fewer RoIs, so the suite stays within CPU minutes.
+"""
+import math
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
+
+import models  # noqa: F401  (before detectron2)
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
+
+from models.optim import count_parameters
+
+pytest.importorskip("models.mimdet", reason="MIMDetBackbone not written yet")
+pytest.importorskip("models.benchmarking_vit", reason="BenchmarkingViT not written yet")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the launcher is a script at the repository root
+from lazyconfig_train_net import apply_overrides  # noqa: E402
+INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
+MIMDET = "configs/mimdet/mimdet_vit_{}_mask_rcnn_fpn_sr_{}_800_1333_4xdec_{}coco_3x{}.py"
+BENCH = "configs/benchmarking/benchmarking_mask_rcnn_base_FPN_{}ep_LSJ_mae.py"
+VIT_B_05, VIT_B_025 = MIMDET.format("base", "0p5", "", ""), MIMDET.format("base", "0p25", "", "")
+VIT_B_025_BS16 = MIMDET.format("base", "0p25", "", "_bs16")
+VIT_B_CONV = MIMDET.format("base", "0p5", "convfill_", "")
+VIT_L, VIT_L_CONV = MIMDET.format("large", "0p5", "", ""), MIMDET.format("large", "0p5", "convfill_", "")
+BENCHMARKING = [BENCH.format(e) for e in (25, 50, 100)]
+MIMDET_CONFIGS = [VIT_B_05, VIT_B_025, VIT_B_025_BS16, VIT_B_CONV, VIT_L, VIT_L_CONV]
+ALL_CONFIGS = MIMDET_CONFIGS + BENCHMARKING
+
+# (config, interop tsv or None, whole-detector parameter count of SPEC §6)
+FULL_SIZE = [
+    (VIT_B_05, "mimdet_vit_b_maskfill_grid50.tsv", 127_561_552),
+    (VIT_B_CONV, "mimdet_vit_b_convfill_grid50.tsv", 127_954_768),
+    (VIT_L, None, 348_807_792),
+    (BENCHMARKING[2], "benchmarking_vit_b.tsv", 118_674_184),
+]
+
+
+def load(config: str, *overrides: str):
+    return apply_overrides(LazyConfig.load(str(REPO / config)), list(overrides))
+
+
+def read_tsv(name: str) -> Dict[str, Tuple[int, ...]]:
+    path = INTEROP / name
+    if not path.exists():
+        pytest.skip(f"interop table {path} absent")
+    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if not line.startswith("#")]
+    return {name: tuple(eval(shape)) for name, shape, _ in rows}
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_config_loads_with_launcher_keys(config):
+    cfg = load(config)
+    assert {"model", "dataloader", "optimizer", "lr_multiplier", "train", "mae_checkpoint", "datasets"} <= set(cfg)
+    assert cfg.mae_checkpoint.path is None and list(cfg.datasets.register) == []
+    assert cfg.dataloader.train.total_batch_size == (16 if config == VIT_B_025_BS16 else 64)
+    assert cfg.dataloader.train.mapper.image_format == "RGB" and cfg.dataloader.train.mapper.use_instance_mask
+    assert cfg.dataloader.test.dataset.filter_empty is False
+    assert cfg.model.input_format == "RGB" and cfg.train.amp.enabled
+
+
+def test_mimdet_seed_deltas():
+    assert load(VIT_B_05).model.backbone.bottom_up.sample_ratio == 0.5
+    assert load(VIT_B_025).model.backbone.bottom_up.sample_ratio == 0.25
+    bottom_up = load(VIT_L).model.backbone.bottom_up
+    assert (bottom_up.embed_dim, bottom_up.depth, bottom_up.num_heads, bottom_up.drop_path_rate) == (1024, 24, 16, 0.4)
+    assert load(VIT_L).optimizer.params.lr_multiplier == 3.5
+    assert load(VIT_B_CONV).model.backbone.bottom_up.fill_mode == "conv_feature"
+    assert load(VIT_L_CONV).model.backbone.bottom_up.fill_mode == "conv_feature"
+    assert load(VIT_B_05).model.backbone.bottom_up.img_size == 800
+
+
+def lr_at(cfg, iteration: int) -> float:
+    return instantiate(cfg.lr_multiplier)(iteration / cfg.train.max_iter)
+
+
+@pytest.mark.parametrize("config, batch, lr, iters_per_epoch", [(VIT_B_05, 64, 8e-5, 1875), (VIT_B_025_BS16, 16, 4e-5, 7500)])
+def test_3x_schedule(config, batch, lr, iters_per_epoch):
+    cfg = load(config)
+    assert cfg.optimizer.lr == pytest.approx(lr) and cfg.optimizer.weight_decay == 0.1
+    assert cfg.train.max_iter == 36 * iters_per_epoch
+    assert cfg.train.checkpointer.period == cfg.train.eval_period == iters_per_epoch
+    warmup_end = iters_per_epoch // 4
+    assert lr_at(cfg, 0) == 0.0 and lr_at(cfg, warmup_end // 2) == pytest.approx(0.5, abs=0.01)
+    assert lr_at(cfg, warmup_end + 1) == 1.0
+    assert lr_at(cfg, 27 * iters_per_epoch - 1) == 1.0 and lr_at(cfg, 27 * iters_per_epoch) == pytest.approx(0.1)
+    assert lr_at(cfg, 33 * iters_per_epoch) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("epochs, max_iter", [(25, 46093), (50, 92187), (100, 184375)])
+def test_benchmarking_schedule(epochs, max_iter):
+    cfg = load(BENCH.format(epochs))
+    assert cfg.train.max_iter == max_iter and cfg.train.checkpointer.period == cfg.train.eval_period == 1844
+    assert lr_at(cfg, 0) == pytest.approx(0.001)
+    warmup_end = math.ceil(0.25 * 184375 / 100)  # 1/4 epoch whatever the length
+    assert lr_at(cfg, warmup_end) == pytest.approx(1.0, abs=1e-3)
+    assert lr_at(cfg, max_iter) == pytest.approx(0.0, abs=1e-9)
+    assert cfg.model.lsj_postprocess and cfg.dataloader.test.mapper.augmentations[1].crop_size == (1024, 1024)
+
+
+@pytest.mark.parametrize("config, tsv, count", FULL_SIZE, ids=["vit_b", "vit_b_convfill", "vit_l", "benchmarking"])
+def test_full_size_parameters_and_names(config, tsv, count):
+    model = instantiate(load(config).model)
+    assert count_parameters(model) == count
+    if tsv is not None:
+        expected = read_tsv(tsv)
+        actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert sorted(actual) == sorted(expected)
+        assert actual == expected
+
+
+def toy_batch(num_classes: int = 80) -> list:
+    """Two images (128x160, 160x128) with a couple of boxes and polygon masks each."""
+    torch.manual_seed(0)
+    batch = []
+    for h, w in [(128, 160), (160, 128)]:
+        instances = Instances((h, w))
+        boxes = torch.tensor([[10.0, 12.0, 70.0, 90.0], [60.0, 40.0, 120.0, 110.0]])
+        instances.gt_boxes = Boxes(boxes)
+        instances.gt_classes = torch.tensor([1, num_classes - 1])
+        instances.gt_masks = PolygonMasks([[[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in boxes.tolist()])
+        image = torch.randint(0, 255, (3, h, w), dtype=torch.uint8)
+        batch.append({"image": image, "instances": instances, "height": h, "width": w})
+    return batch
+
+
+SMALL_HEADS = (
+    "model.roi_heads.batch_size_per_image=32",
+    "model.proposal_generator.post_nms_topk=[64,32]",
+    "model.proposal_generator.pre_nms_topk=[256,128]",
+)
+
+
+@pytest.mark.parametrize("config", [VIT_B_05, VIT_B_025, VIT_B_CONV])
+def test_full_size_vit_b_trains_and_infers(config):
+    cfg = load(config, *SMALL_HEADS)
+    model = instantiate(cfg.model)
+    losses = model(toy_batch())
+    assert {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
+    sum(losses.values()).backward()
+    stem_grad = model.backbone.bottom_up.encoder.patch_embed.proj[0][0].weight.grad
+    assert stem_grad is not None and torch.isfinite(stem_grad).all()
+    model.eval()
+    with torch.no_grad():
+        outputs = model([{k: v for k, v in x.items() if k != "instances"} for x in toy_batch()])
+    assert [o["instances"].image_size for o in outputs] == [(128, 160), (160, 128)]
+
+
+def test_vit_l_forward():
+    model = instantiate(load(VIT_L, *SMALL_HEADS).model)
+    losses = model(toy_batch()[:1])
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_benchmarking_trains_shrunk_and_maps_back_with_one_scale():
+    shrink = ("model.backbone.bottom_up.img_size=128", "model.backbone.bottom_up.window_size=4",
+              "model.backbone.bottom_up.depth=3", "model.backbone.bottom_up.global_every=3")
+    cfg = load(BENCHMARKING[0], *SMALL_HEADS, *shrink)
+    model = instantiate(cfg.model)
+    batch = toy_batch()
+    for item in batch:  # LSJ inputs are padded to the fixed square
+        image = torch.zeros(3, 128, 128, dtype=torch.uint8)
+        h, w = item["image"].shape[1:]
+        image[:, : min(h, 128), : min(w, 128)] = item["image"][:, :128, :128]
+        item["image"] = image
+    losses = model(batch)
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": batch[0]["image"], "height": 256, "width": 160}])[0]["instances"]
+    assert out.image_size == (256, 160) and (out.pred_boxes.tensor[:, 3] <= 256).all()
+
+
+def test_overrides_apply_and_reject_bad_input():
+    cfg = load(VIT_B_05, "model.backbone.bottom_up.sample_ratio=1.0", "dataloader.train.total_batch_size=8",
+               "mae_checkpoint.path=/tmp/mae.pth", "model.backbone.bottom_up.eval_sample_ratio=1.0")
+    assert cfg.model.backbone.bottom_up.sample_ratio == 1.0 and cfg.dataloader.train.total_batch_size == 8
+    assert cfg.mae_checkpoint.path == "/tmp/mae.pth" and cfg.model.backbone.bottom_up.eval_sample_ratio == 1.0
+    with pytest.raises(KeyError, match="model.backbone.bottom_up.sample_rate"):
+        load(VIT_B_05, "model.backbone.bottom_up.sample_rate=1.0")
+    with pytest.raises(KeyError, match="train.max_iters"):
+        load(VIT_B_05, "train.max_iters=10")
+    with pytest.raises(ValueError, match="train.max_iter"):
+        load(VIT_B_05, "train.max_iter=ten")
+    with pytest.raises(ValueError, match="key=value"):
+        load(VIT_B_05, "train.max_iter")
+
+
+def group_of(optimizer, name: str) -> dict:
+    for group in optimizer.param_groups:
+        if name in group["param_names"]:
+            return group
+    raise KeyError(f"{name} is in no parameter group")
+
+
+@pytest.mark.parametrize("config, m", [(VIT_B_05, 2.0), (VIT_L, 3.5)], ids=["vit_b", "vit_l"])
+def test_mimdet_parameter_groups(config, m):
+    cfg = load(config)
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    base = cfg.optimizer.lr
+    expect = {  # name: (lr, weight decay)
+        "backbone.bottom_up.encoder.blocks.0.attn.qkv.weight": (base / m, 0.1),
+        "backbone.bottom_up.encoder.blocks.0.norm1.weight": (base / m, 0.0),
+        "backbone.bottom_up.encoder.patch_embed.proj.0.0.weight": (base, 0.1),
+        "backbone.bottom_up.encoder.patch_embed.proj.0.1.weight": (base, 0.0),
+        "backbone.bottom_up.decoder.decoder_blocks.0.mlp.fc1.weight": (base * m, 0.1),
+        "backbone.fpn_lateral2.weight": (base * m, 0.1),
+        "backbone.fpn_lateral2.norm.weight": (base * m, 0.0),
+        "roi_heads.box_head.fc1.bias": (base * m, 0.0),
+        "proposal_generator.rpn_head.conv.conv0.weight": (base * m, 0.1),
+    }
+    for name, (lr, decay) in expect.items():
+        group = group_of(optimizer, name)
+        assert (group["lr"], group["weight_decay"]) == (pytest.approx(lr), decay), name
+    grouped = {n for g in optimizer.param_groups for n in g["param_names"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert grouped == trainable and "backbone.bottom_up.encoder.pos_embed" not in grouped
+
+
+def test_benchmarking_parameter_groups():
+    cfg = load(BENCHMARKING[2])
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    assert {g["lr"] for g in optimizer.param_groups} == {8e-5}
+    no_decay = ["backbone.bottom_up.pos_embed", "backbone.bottom_up.windowed_rel_pos_bias.relative_position_bias_table",
+                "backbone.bottom_up.blocks.0.norm1.weight", "backbone.bottom_up.blocks.0.attn.qkv.bias"]
+    for name in no_decay:
+        assert group_of(optimizer, name)["weight_decay"] == 0.0, name
+    assert group_of(optimizer, "backbone.bottom_up.blocks.0.attn.qkv.weight")["weight_decay"] == 0.1
+
+
+def test_lsj_postprocess_uses_one_scale_for_both_axes():
+    from models.meta_arch import lsj_detector_postprocess
+
+    results = Instances((1024, 1024))  # a 640x480 image resized by 1.6 to 1024x768, padded to 1024x1024
+    results.pred_boxes = Boxes(torch.tensor([[160.0, 80.0, 960.0, 720.0]]))
+    results.scores = torch.tensor([0.9])
+    results.pred_classes = torch.tensor([3])
+    results.pred_masks = torch.ones(1, 1, 28, 28)
+    out = lsj_detector_postprocess(results, 480, 640)
+    assert out.image_size == (480, 640)
+    assert out.pred_boxes.tensor.tolist() == [[100.0, 50.0, 600.0, 450.0]]
+    assert out.pred_masks.shape == (1, 480, 640) and out.pred_masks[0, 60:440, 110:590].all()
+    assert out.pred_masks.sum() == out.pred_masks[0, 50:450, 100:600].sum()  # nothing outside the box
