@@ -1,0 +1,248 @@
+"""Synthetic shapes: a small COCO-format instance-segmentation dataset made on the fly.
+
+Images of 160-256 px hold 2-6 coloured shapes (circle, rectangle, triangle, star, cross) of
+16-64 px, rotated, shaded and drawn over textured backgrounds (gradients, stripes, blotches,
+checkers); later shapes occlude earlier ones. Every image is a function of (seed, split,
+index) only, so the same seed gives the same bytes.
+
+Masks are honest about occlusion: each instance's mask is what stays visible after the later
+shapes are drawn. A placement is refused (and retried elsewhere) if it would leave any shape
+less than ``min_visible_fraction`` visible, split it in two or punch a hole in it, so every
+visible region is one simple outline. That outline is traced along pixel edges and stored as
+a COCO polygon, which pycocotools rasterizes back to the same pixels; polygons are what
+detectron2's default ``instance_mask_format="polygon"`` reads (RLE would need "bitmask").
+``bbox`` is tight around the visible pixels and ``area`` is their count.
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .visualize import is_simple_region, trace_outline
+
+__all__ = ["SHAPE_CLASSES", "DATASET_NAMES", "ShapesConfig", "render_image", "generate_split",
+           "ensure_shapes", "register_shapes"]
+
+logger = logging.getLogger(__name__)
+
+SHAPE_CLASSES = ("circle", "rectangle", "triangle", "star", "cross")
+DATASET_NAMES = ("shapes_train", "shapes_val")
+SPLITS = ("train", "val")
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    """What the generator draws; stored in each json's ``info`` so stale data is regenerated."""
+
+    image_size: Tuple[int, int] = (160, 256)  # each side uniform in [min, max] px
+    object_size: Tuple[int, int] = (16, 64)  # shape diameter, px
+    objects_per_image: Tuple[int, int] = (2, 6)
+    min_visible_fraction: float = 0.6  # of a shape's own area, after occlusion
+    min_area: int = 48  # px, visible
+    max_tries: int = 20  # placements tried per shape before it is left out
+    min_color_distance: float = 90.0  # RGB distance to the background and overlapped shapes
+    circle_vertices: int = 32
+    star_inner_ratio: float = 0.45
+    cross_arm_ratio: float = 0.34  # arm width / diameter
+    noise_std: float = 4.0
+
+
+def _outline(kind: str, size: float, angle: float, aspect: float, cfg: ShapesConfig) -> np.ndarray:
+    """Vertices (N, 2) of a shape of diameter ``size`` centred on 0, rotated by ``angle``."""
+    if kind == "circle":
+        t = np.linspace(0, 2 * np.pi, cfg.circle_vertices, endpoint=False)
+        unit = np.stack([np.cos(t), np.sin(t)], 1)
+    elif kind == "rectangle":
+        unit = np.array([[-1, -aspect], [1, -aspect], [1, aspect], [-1, aspect]]) / np.hypot(1, aspect)
+    elif kind == "triangle":
+        t = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        unit = np.stack([np.cos(t), np.sin(t)], 1)
+    elif kind == "star":
+        t = np.pi / 2 + np.arange(10) * np.pi / 5
+        radius = np.where(np.arange(10) % 2 == 0, 1.0, cfg.star_inner_ratio)
+        unit = np.stack([np.cos(t), np.sin(t)], 1) * radius[:, None]
+    elif kind == "cross":
+        a = cfg.cross_arm_ratio
+        unit = np.array([[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a], [a, 1], [-a, 1],
+                         [-a, a], [-1, a], [-1, -a], [-a, -a]])
+    else:
+        raise ValueError(f"unknown shape '{kind}'; known: {SHAPE_CLASSES}")
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return unit @ rotation.T * (size / 2)
+
+
+def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A float (H, W, 3) texture: gradient, stripes, blotches or checkers between two colours."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    angle = rng.uniform(0, np.pi)
+    along = xx * np.cos(angle) + yy * np.sin(angle)
+    kind = rng.integers(4)
+    if kind == 0:
+        t = (along - along.min()) / np.ptp(along)
+    elif kind == 1:
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * along / rng.uniform(6, 30))
+    elif kind == 2:
+        grid = rng.uniform(0, 1, (height // 24 + 2, width // 24 + 2)).astype(np.float32)
+        t = np.asarray(Image.fromarray(grid, "F").resize((width, height), Image.BICUBIC), np.float64)
+    else:
+        cell = rng.uniform(8, 24)
+        t = ((xx // cell + yy // cell) % 2).astype(np.float64)
+    low = rng.uniform(0, 255, 3)
+    high = np.clip(low + rng.uniform(-90, 90, 3), 0, 255)
+    return low + np.clip(t, 0, 1)[..., None] * (high - low)
+
+
+def _pick_color(rng: np.random.Generator, avoid: Sequence[np.ndarray], cfg: ShapesConfig) -> np.ndarray:
+    """A colour far from every colour in ``avoid`` (the best of ``max_tries`` if none is far enough)."""
+    candidates = rng.uniform(0, 255, (cfg.max_tries, 3))
+    distance = np.min([np.linalg.norm(candidates - a, axis=1) for a in avoid], axis=0)
+    far = np.flatnonzero(distance >= cfg.min_color_distance)
+    return candidates[far[0] if len(far) else np.argmax(distance)]
+
+
+def render_image(rng: np.random.Generator, cfg: ShapesConfig = ShapesConfig()) -> Tuple[np.ndarray, List[dict]]:
+    """One image (H, W, 3) uint8 and its instances ``{"category": index, "mask": (H, W) bool}``."""
+    width, height = (int(v) for v in rng.integers(cfg.image_size[0], cfg.image_size[1] + 1, 2))
+    canvas = _background(rng, height, width)
+    yy, xx = np.mgrid[0:height, 0:width]
+    shapes: List[dict] = []  # {"category", "full", "visible", "color"}
+    for _ in range(rng.integers(cfg.objects_per_image[0], cfg.objects_per_image[1] + 1)):
+        for _try in range(cfg.max_tries):
+            category = int(rng.integers(len(SHAPE_CLASSES)))
+            size = rng.uniform(*cfg.object_size)
+            center = rng.uniform([size / 2, size / 2], [width - size / 2, height - size / 2])
+            points = _outline(SHAPE_CLASSES[category], size, rng.uniform(0, 2 * np.pi), rng.uniform(0.55, 1.0), cfg)
+            layer = Image.new("L", (width, height), 0)
+            ImageDraw.Draw(layer).polygon([tuple(p) for p in points + center], fill=1)
+            mask = np.asarray(layer, dtype=bool)
+            if mask.sum() < cfg.min_area or not is_simple_region(mask):
+                continue
+            occluded = [s for s in shapes if (s["visible"] & mask).any()]
+            if all(_still_visible(s, s["visible"] & ~mask, cfg) for s in occluded):
+                break
+        else:
+            continue  # no room for this shape
+        for s in occluded:
+            s["visible"] = s["visible"] & ~mask
+        color = _pick_color(rng, [canvas[mask].mean(0)] + [s["color"] for s in occluded], cfg)
+        shade_angle = rng.uniform(0, 2 * np.pi)
+        shade = ((xx - center[0]) * np.cos(shade_angle) + (yy - center[1]) * np.sin(shade_angle)) / size
+        canvas[mask] = color + rng.uniform(10, 40) * shade[mask][:, None]
+        shapes.append({"category": category, "full": mask, "visible": mask, "color": color})
+    canvas += rng.normal(0, cfg.noise_std, canvas.shape)
+    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return image, [{"category": s["category"], "mask": s["visible"]} for s in shapes]
+
+
+def _still_visible(shape: dict, visible: np.ndarray, cfg: ShapesConfig) -> bool:
+    area = visible.sum()
+    return bool(area >= cfg.min_area and area >= cfg.min_visible_fraction * shape["full"].sum()
+                and is_simple_region(visible))
+
+
+def _annotation(instance: dict, image_id: int, annotation_id: int) -> dict:
+    mask = instance["mask"]
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+    return {"id": annotation_id, "image_id": image_id, "category_id": instance["category"] + 1,
+            "bbox": bbox, "area": int(mask.sum()), "iscrowd": 0, "segmentation": [trace_outline(mask)]}
+
+
+def _split_info(split: str, num_images: int, seed: int, cfg: ShapesConfig) -> dict:
+    return {"description": "MIMDet synthetic shapes", "version": FORMAT_VERSION, "split": split,
+            "num_images": num_images, "seed": seed, "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+
+
+def _paths(root: str, split: str) -> Tuple[str, str]:
+    """(json_file, image_root) of a split under ``root``."""
+    return (os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split))
+
+
+def generate_split(root: str, split: str, num_images: int, seed: int = 0,
+                   cfg: ShapesConfig = ShapesConfig()) -> Tuple[str, str]:
+    """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json``.
+
+    Image ids start at 1 (train) and 1,000,001 (val); file names carry the split, so splits
+    never share ids or files. Returns (json_file, image_root).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    json_file, image_root = _paths(root, split)
+    os.makedirs(image_root, exist_ok=True)
+    os.makedirs(os.path.dirname(json_file), exist_ok=True)
+    split_index = SPLITS.index(split)
+    images, annotations = [], []
+    for index in range(num_images):
+        image, instances = render_image(np.random.default_rng([seed, split_index, index]), cfg)
+        image_id = split_index * 1_000_000 + index + 1
+        file_name = f"{split}_{index:06d}.png"
+        Image.fromarray(image).save(os.path.join(image_root, file_name))
+        images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
+        for instance in instances:
+            annotations.append(_annotation(instance, image_id, len(annotations) + 1 + split_index * 10_000_000))
+    coco = {"info": _split_info(split, num_images, seed, cfg), "images": images, "annotations": annotations,
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(SHAPE_CLASSES)]}
+    temporary = f"{json_file}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(coco, f)
+    os.replace(temporary, json_file)  # the json comes last: its presence means the split is complete
+    logger.info("Wrote %d %s images with %d shapes to %s", num_images, split, len(annotations), image_root)
+    return json_file, image_root
+
+
+def _is_current(root: str, split: str, num_images: int, seed: int, cfg: ShapesConfig) -> bool:
+    json_file, image_root = _paths(root, split)
+    if not os.path.isfile(json_file):
+        return False
+    with open(json_file) as f:
+        coco = json.load(f)
+    return coco.get("info") == _split_info(split, num_images, seed, cfg) and all(
+        os.path.isfile(os.path.join(image_root, image["file_name"])) for image in coco["images"])
+
+
+def ensure_shapes(root: str, num_train: int = 600, num_val: int = 100, seed: int = 0,
+                  cfg: ShapesConfig = ShapesConfig()) -> Dict[str, Tuple[str, str]]:
+    """Generate the train and val splits under ``root`` unless they are already there with
+    the same sizes, seed and config. Returns ``{split: (json_file, image_root)}``."""
+    paths = {}
+    for split, num_images in zip(SPLITS, (num_train, num_val)):
+        if num_images < 1:
+            raise ValueError(f"{split} needs at least one image, got num_images={num_images}")
+        if _is_current(root, split, num_images, seed, cfg):
+            logger.info("Synthetic shapes %s split is up to date in %s", split, root)
+            paths[split] = _paths(root, split)
+        else:
+            paths[split] = generate_split(root, split, num_images, seed, cfg)
+    return paths
+
+
+def register_shapes(root: str = "datasets/shapes", num_train: int = 600, num_val: int = 100, seed: int = 0,
+                    cfg: ShapesConfig = ShapesConfig(), names: Sequence[str] = DATASET_NAMES) -> List[str]:
+    """Make sure the data exist (``ensure_shapes``) and register them with detectron2 as
+    ``names`` (default "shapes_train", "shapes_val"). Calling it again is harmless; a name
+    registered with other files is re-registered with these."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    paths = ensure_shapes(root, num_train, num_val, seed, cfg)
+    for name, split in zip(names, SPLITS):
+        json_file, image_root = (os.path.abspath(p) for p in paths[split])
+        if name in DatasetCatalog.list():
+            if MetadataCatalog.get(name).get("json_file", None) == json_file:
+                continue
+            logger.warning("Dataset '%s' was registered with other files; re-registering %s", name, json_file)
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        register_coco_instances(name, {"thing_classes": list(SHAPE_CLASSES)}, json_file, image_root)
+    return list(names)
+
+
+def load_split(json_file: str) -> dict:
+    """The COCO dict of a generated split (for previews and tests)."""
+    with open(json_file) as f:
+        return json.load(f)

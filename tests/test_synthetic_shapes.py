@@ -1,0 +1,150 @@
+"""The synthetic shapes dataset: deterministic, valid COCO, honest occlusion, detectron2-ready."""
+import json
+import os
+
+import models  # noqa: F401  (detectron2 compatibility first)
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import PolygonMasks, polygons_to_bitmask
+from PIL import Image
+from pycocotools.coco import COCO
+
+from models.synthetic_shapes import (
+    DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, register_shapes, render_image,
+)
+from models.visualize import is_simple_region, trace_outline
+
+NUM_TRAIN, NUM_VAL = 16, 6
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    return root, ensure_shapes(root, NUM_TRAIN, NUM_VAL, seed=3)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_same_seed_same_bytes_other_seed_other_data(shapes, tmp_path):
+    root, paths = shapes
+    again = ensure_shapes(str(tmp_path / "again"), NUM_TRAIN, NUM_VAL, seed=3)
+    for split in ("train", "val"):
+        assert _read(paths[split][0]) == _read(again[split][0])
+        names = sorted(os.listdir(paths[split][1]))
+        assert names == sorted(os.listdir(again[split][1])) and len(names) == (NUM_TRAIN if split == "train" else NUM_VAL)
+        for name in names:
+            assert _read(os.path.join(paths[split][1], name)) == _read(os.path.join(again[split][1], name))
+    other = ensure_shapes(str(tmp_path / "other"), NUM_TRAIN, NUM_VAL, seed=4)
+    assert _read(paths["val"][0]) != _read(other["val"][0])
+
+
+def test_valid_coco_with_masks_inside_boxes(shapes):
+    _, paths = shapes
+    for split, (json_file, image_root) in paths.items():
+        coco = COCO(json_file)
+        assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(SHAPE_CLASSES)
+        assert len(coco.getImgIds()) == (NUM_TRAIN if split == "train" else NUM_VAL)
+        for image in coco.loadImgs(coco.getImgIds()):
+            with Image.open(os.path.join(image_root, image["file_name"])) as pixels:
+                assert pixels.size == (image["width"], image["height"]) and pixels.mode == "RGB"
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+            assert len(anns) >= 1
+            visible = np.zeros((image["height"], image["width"]), int)
+            for ann in anns:
+                x, y, w, h = ann["bbox"]
+                assert ann["iscrowd"] == 0 and w > 0 and h > 0
+                assert x >= 0 and y >= 0 and x + w <= image["width"] and y + h <= image["height"]
+                mask = coco.annToMask(ann).astype(bool)
+                assert mask.sum() > 0 and abs(mask.sum() - ann["area"]) <= 0.01 * ann["area"]
+                outside = mask.copy()
+                outside[y:y + h, x:x + w] = False
+                assert not outside.any(), "mask leaves its box"
+                rows, cols = np.nonzero(mask)  # and the box is tight
+                assert (cols.min(), rows.min(), cols.max() + 1 - x, rows.max() + 1 - y) == (x, y, w, h)
+                visible += mask
+            assert visible.max() == 1, "an occluded shape's mask must not cover its occluder"
+
+
+def test_polygons_rasterize_to_the_rendered_masks():
+    config = ShapesConfig()
+    for index in range(8):
+        image, instances = render_image(np.random.default_rng([7, 0, index]), config)
+        assert image.dtype == np.uint8 and image.ndim == 3
+        for instance in instances:
+            mask = instance["mask"]
+            assert is_simple_region(mask) and mask.sum() >= config.min_area
+            rle = mask_util.frPyObjects([trace_outline(mask)], *mask.shape)
+            assert np.array_equal(mask_util.decode(mask_util.merge(rle)).astype(bool), mask)
+
+
+def test_trace_outline_and_simple_regions():
+    mask = np.zeros((6, 6), bool)
+    mask[1:4, 1:3] = True
+    mask[3, 3:5] = True  # an L
+    assert trace_outline(mask) == [3, 1, 3, 3, 5, 3, 5, 4, 1, 4, 1, 1]  # pixel corners, clockwise
+    assert is_simple_region(mask)
+    holed = np.ones((5, 5), bool)
+    holed[2, 2] = False
+    diagonal = np.eye(3, dtype=bool)
+    assert not is_simple_region(holed) and not is_simple_region(diagonal)
+    assert not is_simple_region(np.zeros((3, 3), bool))
+
+
+def test_splits_are_disjoint_and_all_classes_appear(shapes):
+    _, paths = shapes
+    train, val = (json.load(open(paths[split][0])) for split in ("train", "val"))
+    assert not {i["id"] for i in train["images"]} & {i["id"] for i in val["images"]}
+    assert not {i["file_name"] for i in train["images"]} & {i["file_name"] for i in val["images"]}
+    assert not {a["id"] for a in train["annotations"]} & {a["id"] for a in val["annotations"]}
+    assert {a["category_id"] for a in train["annotations"]} == set(range(1, len(SHAPE_CLASSES) + 1))
+
+
+def test_ensure_shapes_keeps_current_data_and_redoes_stale(shapes):
+    root, paths = shapes
+    json_file = paths["train"][0]
+    before = os.stat(json_file).st_mtime_ns
+    assert ensure_shapes(root, NUM_TRAIN, NUM_VAL, seed=3) == paths
+    assert os.stat(json_file).st_mtime_ns == before
+    os.remove(os.path.join(paths["val"][1], "val_000000.png"))
+    ensure_shapes(root, NUM_TRAIN, NUM_VAL, seed=3)
+    assert os.path.isfile(os.path.join(paths["val"][1], "val_000000.png"))
+    with pytest.raises(ValueError, match="num_images=0"):
+        ensure_shapes(root, 0, NUM_VAL)
+
+
+def test_register_shapes_gives_detectron2_instances(shapes):
+    root, _ = shapes
+    assert register_shapes(root, NUM_TRAIN, NUM_VAL, seed=3) == list(DATASET_NAMES)
+    assert register_shapes(root, NUM_TRAIN, NUM_VAL, seed=3) == list(DATASET_NAMES)  # idempotent
+    records = DatasetCatalog.get("shapes_train")
+    assert len(records) == NUM_TRAIN and all(r["annotations"] for r in records)
+    assert MetadataCatalog.get("shapes_val").thing_classes == list(SHAPE_CLASSES)
+    assert len(DatasetCatalog.get("shapes_val")) == NUM_VAL
+    record = records[0]
+    image = utils.read_image(record["file_name"], format="RGB")
+    assert image.shape[:2] == (record["height"], record["width"])
+    transforms = T.AugmentationList([T.ResizeShortestEdge(320, 640)])(T.AugInput(image))
+    new_size = transforms.apply_image(image).shape[:2]
+    annos = [utils.transform_instance_annotations(a, transforms, new_size) for a in record["annotations"]]
+    instances = utils.annotations_to_instances(annos, new_size, mask_format="polygon")
+    assert isinstance(instances.gt_masks, PolygonMasks) and len(instances) == len(record["annotations"])
+    assert instances.gt_classes.tolist() == [a["category_id"] for a in record["annotations"]]
+    for polygons, box in zip(instances.gt_masks.polygons, instances.gt_boxes.tensor):
+        mask = polygons_to_bitmask(polygons, *new_size)
+        rows, cols = np.nonzero(mask)
+        assert mask.sum() > 0 and abs(cols.min() - box[0]) <= 2 and abs(rows.max() + 1 - box[3]) <= 2
+
+
+def test_register_elsewhere_replaces_the_registration(shapes, tmp_path):
+    root, _ = shapes
+    names = ("shapes_test_a", "shapes_test_b")
+    register_shapes(root, NUM_TRAIN, NUM_VAL, seed=3, names=names)
+    register_shapes(str(tmp_path), 2, 1, seed=3, names=names)
+    assert len(DatasetCatalog.get("shapes_test_a")) == 2 and len(DatasetCatalog.get("shapes_test_b")) == 1
