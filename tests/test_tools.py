@@ -1,0 +1,189 @@
+"""tools/infer.py and tools/plot_metrics.py: outputs users can load, clear errors on bad inputs."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import models  # noqa: F401  (detectron2 compatibility first)
+import numpy as np
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from PIL import Image
+from pycocotools.coco import COCO
+
+from models.synthetic_shapes import SHAPE_CLASSES, ensure_shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small Mask R-CNN (ResNet-18 FPN, 32 channels) from detectron2's model zoo pieces.
+TINY_CONFIG = '''
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.layers import ShapeSpec
+from detectron2.model_zoo import get_config
+from detectron2.modeling.backbone import ResNet
+from omegaconf import OmegaConf
+
+width = 32
+model = get_config("common/models/mask_rcnn_fpn.py").model
+model.backbone.bottom_up.stages = L(ResNet.make_default_stages)(depth=18, norm="FrozenBN")
+model.backbone.out_channels = width
+model.proposal_generator.head.in_channels = width
+model.proposal_generator.post_nms_topk = (100, 50)
+model.roi_heads.box_head.input_shape = ShapeSpec(channels=width, height=7, width=7)
+model.roi_heads.box_head.fc_dims = [64]
+model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=64)
+model.roi_heads.box_predictor.test_topk_per_image = 5
+model.roi_heads.mask_head.input_shape = ShapeSpec(channels=width, width=14, height=14)
+model.roi_heads.mask_head.conv_dims = [width]
+model.roi_heads.num_classes = 80  # the checkpoint's 5 win
+dataloader = OmegaConf.create()
+dataloader.test = dict(mapper=dict(augmentations=[L(T.ResizeShortestEdge)(short_edge_length=128, max_size=160)]))
+'''
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+infer = _load_tool("infer")
+plot_metrics = _load_tool("plot_metrics")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(config file, random-weights checkpoint with 5 classes, {split: (json, image_root)})."""
+    root = tmp_path_factory.mktemp("tools")
+    config_file = root / "tiny_r18.py"
+    config_file.write_text(TINY_CONFIG)
+    cfg = LazyConfig.load(str(config_file))
+    cfg.model.roi_heads.num_classes = len(SHAPE_CLASSES)
+    torch.manual_seed(0)
+    checkpoint = root / "model.pth"
+    torch.save({"model": instantiate(cfg.model).state_dict()}, checkpoint)
+    return str(config_file), str(checkpoint), ensure_shapes(str(root / "shapes"), 1, 2, seed=0)
+
+
+def _exit_message(argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        infer.main(argv)
+    assert isinstance(exit_info.value.code, str)  # sys.exit(message): status 1, message on stderr
+    return exit_info.value.code
+
+
+def test_infer_draws_every_image_and_writes_loadable_results(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    gt_json, image_root = paths["val"]
+    out = tmp_path / "out"
+    infer.main([image_root, "--config-file", config_file, "--checkpoint", checkpoint, "--output", str(out),
+                "--score-threshold", "0", "--coco-json", gt_json, "--device", "cpu"])
+    gt = COCO(gt_json)
+    for image in gt.loadImgs(gt.getImgIds()):
+        with Image.open(out / image["file_name"]) as drawing:  # upscaled to a readable size
+            assert min(drawing.size) >= 512 and drawing.size[0] * image["height"] == drawing.size[1] * image["width"]
+    results = json.loads((out / "results.json").read_text())
+    assert 0 < len(results) <= 5 * len(gt.getImgIds())
+    detections = gt.loadRes(str(out / "results.json"))
+    for result in detections.loadAnns(detections.getAnnIds()):
+        image = gt.imgs[result["image_id"]]
+        assert result["category_id"] in gt.getCatIds() and result["file_name"] == image["file_name"]
+        assert result["segmentation"]["size"] == [image["height"], image["width"]] and len(result["bbox"]) == 4
+    listed = json.loads((out / "images.json").read_text())
+    assert [c["name"] for c in listed["categories"]] == list(SHAPE_CLASSES)
+
+
+def test_infer_without_ground_truth_numbers_images_in_order(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    image_root = paths["val"][1]
+    out = tmp_path / "out"
+    infer.main([os.path.join(image_root, "*.png"), "--config-file", config_file, "--checkpoint", checkpoint,
+                "--output", str(out), "--score-threshold", "0"])
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [i["id"] for i in images] == [1, 2] and [i["file_name"] for i in images] == sorted(os.listdir(image_root))
+    assert {r["image_id"] for r in json.loads((out / "results.json").read_text())} <= {1, 2}
+
+
+def test_infer_missing_files_are_named(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    image_root = paths["val"][1]
+    missing = str(tmp_path / "nope.pth")
+    message = _exit_message([image_root, "--config-file", config_file, "--checkpoint", missing])
+    assert missing in message and "--checkpoint" in message
+    missing_config = str(tmp_path / "nope.py")
+    assert missing_config in _exit_message([image_root, "--config-file", missing_config, "--checkpoint", checkpoint])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(empty) in _exit_message([str(empty), "--config-file", config_file, "--checkpoint", checkpoint])
+    pattern = str(tmp_path / "*.jpg")
+    assert pattern in _exit_message([pattern, "--config-file", config_file, "--checkpoint", checkpoint])
+
+
+def test_infer_unreadable_image_is_named_or_skipped(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    good = os.path.join(paths["val"][1], sorted(os.listdir(paths["val"][1]))[0])
+    args = [good, str(broken), "--config-file", config_file, "--checkpoint", checkpoint, "--output", str(tmp_path / "o")]
+    assert str(broken) in _exit_message(args)
+    infer.main(args + ["--skip-unreadable", "--score-threshold", "0"])
+    assert sorted(os.listdir(tmp_path / "o")) == ["images.json", "results.json", os.path.basename(good)]
+
+
+def test_infer_cli_exits_nonzero_with_message(tmp_path):
+    missing = str(tmp_path / "model.pth")
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "infer.py"), str(image), "--config-file",
+                           os.path.join(REPO, "tools", "infer.py"), "--checkpoint", missing],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and missing in done.stderr
+
+
+def _write_metrics(path, with_ap: bool = True, with_loss: bool = True) -> None:
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for iteration in range(0, 200, 5):
+            record = {"iteration": iteration, "lr": 1e-4 * min(1.0, iteration / 40), "time": 0.1}
+            if with_loss:
+                record.update(total_loss=2 * np.exp(-iteration / 80) + 0.2 * rng.random(),
+                              loss_cls=np.exp(-iteration / 80), loss_mask=0.5 + 0.1 * rng.random())
+            f.write(json.dumps(record) + "\n")
+            if with_ap and iteration % 100 == 95:
+                f.write(json.dumps({"iteration": iteration, "bbox/AP": iteration / 4, "segm/AP": iteration / 5}) + "\n")
+        f.write('{"iteration": 200, "total_')  # a run killed mid-line
+
+
+@pytest.mark.parametrize("with_ap", [True, False])
+def test_plot_metrics_draws_losses_and_aps(tmp_path, with_ap):
+    metrics = tmp_path / "metrics.json"
+    _write_metrics(metrics, with_ap=with_ap)
+    out = tmp_path / "plots" / "curve.png"
+    plot_metrics.main([str(metrics), "--out", str(out), "--smooth", "5"])
+    assert out.stat().st_size > 20_000
+    with Image.open(out) as image:
+        width, height = image.size
+        assert width == 900 and height == (800 if with_ap else 450)
+        assert len(np.unique(np.asarray(image.convert("L")))) > 20  # curves, not a blank canvas
+
+
+def test_plot_metrics_smooth_and_series():
+    assert np.allclose(plot_metrics.smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1, 2, 4, 6])
+    series = plot_metrics._series([{"iteration": 2, "loss_a": 1.0}, {"iteration": 1, "loss_a": 3.0},
+                                   {"iteration": 2, "loss_a": 0.5}], plot_metrics._is_loss)
+    assert series["loss_a"][0].tolist() == [1, 2] and series["loss_a"][1].tolist() == [3.0, 0.5]
+
+
+def test_plot_metrics_bad_inputs_are_named(tmp_path):
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit) as exit_info:
+        plot_metrics.main([missing])
+    assert missing in str(exit_info.value.code)
+    no_loss = tmp_path / "metrics.json"
+    _write_metrics(no_loss, with_loss=False)
+    with pytest.raises(ValueError, match="no loss entries"):
+        plot_metrics.plot_metrics(str(no_loss), str(tmp_path / "x.png"))

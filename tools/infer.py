@@ -1,0 +1,246 @@
+"""Run a trained detector on images: annotated PNGs and COCO-format results.
+
+    python tools/infer.py IMAGES... --config-file CONFIG.py --checkpoint MODEL.pth \\
+        [--output DIR] [--score-threshold 0.5] [--device cpu|cuda] [--coco-json GT.json] \\
+        [--skip-unreadable] [--draw-min-size 512] [--opts key=value ...]
+
+IMAGES are files, folders (their images, not recursive) or quoted globs ("data/*.jpg"). Images
+are resized like the config's test loader (``dataloader.test.mapper.augmentations``; short
+side 800, max 1333 if it has none). Writes DIR/<image name>.png (masks, boxes, classes,
+scores), DIR/results.json (COCO results: image_id, file_name, category_id, bbox XYWH, score,
+segmentation RLE) and DIR/images.json (the images with their ids). With --coco-json the ids
+and categories are the ground truth's (matched by file name), so
+``COCO(GT.json).loadRes(DIR/results.json)`` works; otherwise images are numbered 1, 2, ...
+The number of classes follows the checkpoint.
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402,F401  (detectron2 compatibility first)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.evaluation.coco_evaluation import instances_to_coco_json  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models.visualize import draw_instances  # noqa: E402
+
+try:
+    from models.checkpoint import SafeDetectionCheckpointer as Checkpointer, load_checkpoint_file
+except ImportError:  # the safe loader is optional: fall back to detectron2's
+    from detectron2.checkpoint import DetectionCheckpointer as Checkpointer
+
+    def load_checkpoint_file(path: str) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+logger = logging.getLogger("mimdet.infer")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CLS_SCORE_WEIGHT = "roi_heads.box_predictor.cls_score.weight"
+
+
+class InferenceError(Exception):
+    """A bad input, reported to the user without a traceback."""
+
+
+def collect_images(inputs: Sequence[str]) -> List[str]:
+    """Image paths from files, folders and globs, in order, without duplicates."""
+    paths: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, n) for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise InferenceError(f"folder {item} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        elif os.path.isfile(item):
+            found = [item]
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True)
+                           if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise InferenceError(f"glob {item} matched no images")
+        else:
+            raise InferenceError(f"{item}: no such file or folder")
+        paths.extend(p for p in found if p not in paths)
+    return paths
+
+
+def check_readable(paths: List[str], skip: bool) -> List[str]:
+    """Paths whose headers PIL can read; an unreadable one is an error (or skipped with a warning)."""
+    readable = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+            readable.append(path)
+        except Exception as e:  # PIL raises several kinds for broken files
+            if not skip:
+                raise InferenceError(f"cannot read image {path}: {e} (use --skip-unreadable to skip it)") from e
+            logger.warning("Skipping unreadable image %s: %s", path, e)
+    if not readable:
+        raise InferenceError("none of the images could be read")
+    return readable
+
+
+def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[int, int], List[str]]:
+    """Image ids (by file name), contiguous -> category id and class names from a COCO json."""
+    if not os.path.isfile(coco_json):
+        raise InferenceError(f"--coco-json {coco_json}: no such file")
+    with open(coco_json) as f:
+        coco = json.load(f)
+    by_name = {os.path.basename(image["file_name"]): image["id"] for image in coco["images"]}
+    missing = [p for p in paths if os.path.basename(p) not in by_name]
+    if missing:
+        raise InferenceError(f"{len(missing)} images are not in {coco_json}, e.g. {missing[0]}")
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    return ([by_name[os.path.basename(p)] for p in paths], {i: c["id"] for i, c in enumerate(categories)},
+            [c["name"] for c in categories])
+
+
+def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
+    """Class names and contiguous -> category id of the config's test set, if it can be loaded."""
+    try:
+        from detectron2.data import MetadataCatalog
+
+        from models.data import register_coco_datasets, thing_classes
+
+        register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
+        names = OmegaConf.select(cfg, "dataloader.test.dataset.names")
+        classes = thing_classes(names)
+        metadata = MetadataCatalog.get(names if isinstance(names, str) else names[0])
+        to_contiguous = metadata.get("thing_dataset_id_to_contiguous_id", None)
+        return classes, ({v: k for k, v in to_contiguous.items()} if to_contiguous else None)
+    except Exception as e:  # no test set in the config, or its files are not here
+        logger.warning("No class names from the config's test set (%s); pass --coco-json for them", e)
+        return None, None
+
+
+def build_model(cfg, checkpoint: str, device: str, score_threshold: float) -> torch.nn.Module:
+    """The config's model with the checkpoint's weights, in eval mode; classes follow the checkpoint."""
+    roi_heads = cfg.model.get("roi_heads", None)
+    if roi_heads is not None and "num_classes" in roi_heads:
+        state = load_checkpoint_file(checkpoint)
+        weight = state.get("model", state).get(CLS_SCORE_WEIGHT, None)
+        if weight is not None and weight.shape[0] - 1 != roi_heads.num_classes:
+            logger.info("Checkpoint has %d classes: model.roi_heads.num_classes %d -> %d",
+                        weight.shape[0] - 1, roi_heads.num_classes, weight.shape[0] - 1)
+            roi_heads.num_classes = weight.shape[0] - 1
+        del state
+        predictor = roi_heads.get("box_predictor", None)
+        if predictor is not None and "test_score_thresh" in predictor:
+            predictor.test_score_thresh = min(predictor.test_score_thresh, score_threshold)
+    model = instantiate(cfg.model).to(device).eval()
+    Checkpointer(model).load(checkpoint)
+    return model
+
+
+def test_augmentations(cfg) -> T.AugmentationList:
+    augs = OmegaConf.select(cfg, "dataloader.test.mapper.augmentations", default=None)
+    if augs is None:
+        return T.AugmentationList([T.ResizeShortestEdge(800, 1333)])
+    return T.AugmentationList(list(instantiate(augs)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="image files, folders or quoted globs")
+    parser.add_argument("--config-file", required=True, help="LazyConfig .py file")
+    parser.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
+    parser.add_argument("--output", default="output/infer", help="folder for PNGs and results.json")
+    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--coco-json", help="ground-truth COCO json: take image ids and categories from it")
+    parser.add_argument("--skip-unreadable", action="store_true", help="warn about unreadable images, go on")
+    parser.add_argument("--draw-min-size", type=int, default=512,
+                        help="upscale drawings of smaller images until their short side is at least this")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run inference as described by ``args``; return the results json path."""
+    for flag, path in (("--config-file", args.config_file), ("--checkpoint", args.checkpoint)):
+        if not os.path.isfile(path):
+            raise InferenceError(f"{flag} {path}: no such file")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("--device cuda: CUDA is not available here; use --device cpu")
+    paths = check_readable(collect_images(args.inputs), args.skip_unreadable)
+    cfg = LazyConfig.load(args.config_file)
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    except Exception as e:
+        raise InferenceError(f"cannot apply --opts {args.opts}: {e}") from e
+    if args.coco_json:
+        image_ids, category_ids, class_names = ground_truth_ids(paths, args.coco_json)
+    else:
+        image_ids = list(range(1, len(paths) + 1))
+        class_names, category_ids = config_classes(cfg)
+    model = build_model(cfg, args.checkpoint, args.device, args.score_threshold)
+    num_classes = model.roi_heads.num_classes if hasattr(model, "roi_heads") else len(class_names or [])
+    if class_names is None or len(class_names) != num_classes:
+        class_names = [f"class {i}" for i in range(num_classes)]
+        category_ids = None
+    category_ids = category_ids or {i: i + 1 for i in range(num_classes)}
+    image_format = OmegaConf.select(cfg, "dataloader.test.mapper.image_format", default=None)
+    image_format = image_format or cfg.model.get("input_format", "BGR")
+    augmentations = test_augmentations(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    results, images, used_names = [], [], set()
+    for path, image_id in zip(tqdm(paths, desc="infer", unit="img"), image_ids):
+        try:
+            rgb = read_image(path, format="RGB")
+        except Exception as e:
+            if not args.skip_unreadable:
+                raise InferenceError(f"cannot read image {path}: {e}") from e
+            logger.warning("Skipping unreadable image %s: %s", path, e)
+            continue
+        aug_input = T.AugInput(rgb if image_format == "RGB" else np.ascontiguousarray(rgb[:, :, ::-1]))
+        augmentations(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        with torch.no_grad():
+            output = model([{"image": tensor, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]
+        instances = output["instances"].to("cpu")
+        instances = instances[instances.scores >= args.score_threshold]
+        for result in instances_to_coco_json(instances, image_id):
+            result.update(category_id=category_ids[result["category_id"]], file_name=os.path.basename(path))
+            results.append(result)
+        images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
+                       "width": rgb.shape[1], "path": path})
+        masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
+        drawing = draw_instances(rgb, instances.pred_boxes.tensor.numpy(), instances.pred_classes.tolist(),
+                                 class_names, instances.scores.tolist(), masks, args.draw_min_size)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = stem if stem not in used_names else f"{stem}_{len(images)}"
+        used_names.add(name)
+        Image.fromarray(drawing).save(os.path.join(args.output, f"{name}.png"))
+    results_file = os.path.join(args.output, "results.json")
+    with open(results_file, "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(args.output, "images.json"), "w") as f:
+        json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
+                                                     for i, n in enumerate(class_names)]}, f)
+    return results_file
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        results_file = run(args)
+    except InferenceError as e:
+        sys.exit(f"infer.py: error: {e}")
+    print(f"wrote {results_file} and annotated images to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Plot a training run's metrics.json: smoothed loss curves (and the learning rate) over
+iterations, and the evaluation APs (bbox/AP, segm/AP, ...) when the run has any.
+
+    python tools/plot_metrics.py OUTPUT_DIR/metrics.json --out curve.png [--smooth 20]
+
+``metrics.json`` is what detectron2's JSONWriter writes: one JSON dict per line, each with
+an "iteration"; losses are "total_loss" and "loss_*", evaluations "<task>/AP".
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Dict, List, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["read_metrics", "smooth", "plot_metrics"]
+
+logger = logging.getLogger("mimdet.plot_metrics")
+
+Series = Dict[str, Tuple[np.ndarray, np.ndarray]]  # name -> (iterations, values)
+
+
+def read_metrics(path: str) -> List[dict]:
+    """The records of a JSONWriter file; lines that are not JSON dicts (a run killed while
+    writing) are skipped with a warning."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s:%d is not JSON; skipped", path, number)
+                continue
+            if isinstance(record, dict) and "iteration" in record:
+                records.append(record)
+    return records
+
+
+def _series(records: List[dict], keep) -> Series:
+    """Each numeric key accepted by ``keep`` as (iterations, values), sorted by iteration; a
+    resumed run's repeated iterations keep their last value."""
+    values: Dict[str, Dict[int, float]] = {}
+    for record in records:
+        for key, value in record.items():
+            if keep(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values.setdefault(key, {})[int(record["iteration"])] = float(value)
+    return {key: (np.array(sorted(v)), np.array([v[i] for i in sorted(v)])) for key, v in sorted(values.items())}
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing moving average over up to ``window`` points (the first points average fewer)."""
+    if window <= 1 or len(values) == 0:
+        return values
+    cumulative = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    ends = np.arange(1, len(values) + 1)
+    return (cumulative[ends] - cumulative[ends - counts]) / counts
+
+
+def _is_loss(key: str) -> bool:
+    return key == "total_loss" or key.startswith("loss_")
+
+
+def _is_ap(key: str) -> bool:
+    return key.endswith("/AP")
+
+
+def plot_metrics(metrics_file: str, out_file: str, smooth_window: int = 20, title: str = "") -> str:
+    """Draw the losses, lr and APs of ``metrics_file`` into the PNG ``out_file``; return it.
+
+    Raises FileNotFoundError for a missing file and ValueError when it has no losses.
+    """
+    records = read_metrics(metrics_file)
+    losses = _series(records, _is_loss)
+    if not losses:
+        raise ValueError(f"{metrics_file} has no loss entries (total_loss or loss_*) in {len(records)} records")
+    aps = _series(records, _is_ap)
+    lr = _series(records, lambda key: key == "lr").get("lr")
+    figure, axes = plt.subplots(2 if aps else 1, 1, figsize=(9, 8 if aps else 4.5), squeeze=False, sharex=True)
+    loss_axis = axes[0, 0]
+    for key, (iterations, values) in losses.items():
+        loss_axis.plot(iterations, smooth(values, smooth_window), label=key,
+                       linewidth=2.0 if key == "total_loss" else 1.0)
+    loss_axis.set_xlabel("iteration")
+    loss_axis.set_ylabel(f"loss (moving average of {smooth_window})")
+    loss_axis.grid(alpha=0.3)
+    loss_axis.legend(loc="center right", fontsize="small")
+    if lr is not None:
+        lr_axis = loss_axis.twinx()
+        lr_axis.plot(*lr, color="gray", linestyle="--", linewidth=1.0)
+        lr_axis.set_ylabel("learning rate (dashed)")
+    if aps:
+        ap_axis = axes[1, 0]
+        for key, (iterations, values) in aps.items():
+            ap_axis.plot(iterations, values, marker="o", label=f"{key} (last {values[-1]:.1f})")
+        ap_axis.set_xlabel("iteration")
+        ap_axis.set_ylabel("AP")
+        ap_axis.grid(alpha=0.3)
+        ap_axis.legend(loc="lower right", fontsize="small")
+    figure.suptitle(title or metrics_file)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
+    figure.savefig(out_file, dpi=100)
+    plt.close(figure)
+    return out_file
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("metrics", help="a run's metrics.json")
+    parser.add_argument("--out", default=None, help="PNG to write (default: next to metrics.json)")
+    parser.add_argument("--smooth", type=int, default=20, help="moving-average window for losses")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "metrics.png")
+    try:
+        plot_metrics(args.metrics, out, args.smooth, args.title)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"plot_metrics.py: error: {e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
