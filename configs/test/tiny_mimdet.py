@@ -1,7 +1,8 @@
 """A tiny MIMDet Mask R-CNN (same architecture, toy widths) for tests and quick CPU runs.
 
 Point it at any registered dataset, e.g. with the overrides
-``datasets.register='[dict(...)]' dataloader.train.dataset.names=... dataloader.test.dataset.names=...``.
+``"datasets.register=[{name:toy,json_file:'toy.json',image_root:'images'}]"``
+``dataloader.train.dataset.names=toy dataloader.test.dataset.names=toy``.
 """
 from detectron2.layers import ShapeSpec
 
