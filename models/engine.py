@@ -4,13 +4,15 @@ detectron2 0.6's ``AMPTrainer`` knows only CUDA fp16 with a grad scaler. MIMDet 
 in bf16, which needs no scaler and runs on CPU (AMX) as well as on CUDA.
 """
 import logging
+import math
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
 
-__all__ = ["MixedPrecisionTrainer", "resolve_amp_dtype"]
+__all__ = ["MixedPrecisionTrainer", "resolve_amp_dtype", "check_finite_losses"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,26 @@ def resolve_amp_dtype(enabled: bool, dtype: Optional[str], device_type: str) -> 
     if resolved is torch.float16 and device_type != "cuda":
         raise ValueError(f"train.amp.dtype={dtype!r} needs CUDA; on {device_type} use 'bf16'")
     return resolved
+
+
+def check_finite_losses(loss_dict: Mapping[str, torch.Tensor], iteration: int) -> None:
+    """Raise ``FloatingPointError`` on every process if any process's loss is NaN or infinite.
+
+    detectron2 checks on the main process only, which leaves the other processes waiting in
+    the next step's all-reduce. The message names the iteration, the non-finite terms and
+    the values of all terms on the first process that saw them.
+    """
+    local = {name: float(value.detach()) for name, value in loss_dict.items()}
+    per_rank = comm.all_gather(local) if comm.get_world_size() > 1 else [local]
+    for rank, losses in enumerate(per_rank):
+        bad = [name for name, value in losses.items() if not math.isfinite(value)]
+        if bad:
+            terms = ", ".join(f"{name}={value:.4g}" for name, value in losses.items())
+            where = f" on rank {rank}" if len(per_rank) > 1 else ""
+            raise FloatingPointError(
+                f"non-finite loss at iteration {iteration}{where}: {', '.join(bad)} (all terms: {terms}). "
+                "Training stopped before the weight update; no checkpoint was written from this state."
+            )
 
 
 class MixedPrecisionTrainer(SimpleTrainer):
@@ -70,13 +92,20 @@ class MixedPrecisionTrainer(SimpleTrainer):
             self.grad_scaler.scale(losses).backward()
         else:
             losses.backward()
-        # raises FloatingPointError naming the iteration and the loss terms before any update
+        check_finite_losses(loss_dict, self.iter)  # before any update, on every process
         self._write_metrics(loss_dict, data_time)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
+
+    def after_train(self) -> None:
+        # A run resumed from its final checkpoint starts at max_iter and runs no step, after which
+        # detectron2 counts one past max_iter; its final evaluation belongs to max_iter, as in the
+        # run that was interrupted.
+        self.iter = min(self.iter, self.max_iter)
+        super().after_train()
 
     def state_dict(self):
         state = super().state_dict()
