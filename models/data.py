@@ -8,13 +8,16 @@ registers them with detectron2's ``register_coco_instances`` before building any
 ``$DETECTRON2_DATASETS`` (default ``./datasets``).
 """
 import logging
+import math
 import os
-from typing import Iterable, List, Mapping, Sequence, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import BoxMode
 
-__all__ = ["register_coco_datasets", "thing_classes"]
+__all__ = ["register_coco_datasets", "thing_classes", "check_dataset_files", "drop_degenerate_annotations"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +78,82 @@ def thing_classes(names: Union[str, Sequence[str]]) -> List[str]:
     if not classes:
         raise ValueError(f"dataset '{name}' has no thing_classes in its metadata")
     return list(classes)
+
+
+def check_dataset_files(names: Union[str, Sequence[str]]) -> None:
+    """Raise FileNotFoundError, naming the dataset and the path, if a registered dataset's
+    annotation json or image folder does not exist (checked before any training starts)."""
+    for name in [names] if isinstance(names, str) else names:
+        if name not in DatasetCatalog.list():
+            raise KeyError(f"dataset '{name}' is not registered; add it to datasets.register or use a builtin name")
+        metadata = MetadataCatalog.get(name)
+        json_file, image_root = metadata.get("json_file", None), metadata.get("image_root", None)
+        where = f" (builtin datasets live under $DETECTRON2_DATASETS={os.environ.get('DETECTRON2_DATASETS', 'datasets')})"
+        if json_file and not os.path.isfile(json_file):
+            raise FileNotFoundError(f"dataset '{name}': annotation file {json_file} does not exist{where}")
+        if image_root and not os.path.isdir(image_root):
+            raise FileNotFoundError(f"dataset '{name}': image folder {image_root} does not exist{where}")
+
+
+def _box_problem(annotation: Mapping) -> Optional[str]:
+    if "bbox" not in annotation:
+        return None
+    box = BoxMode.convert(list(annotation["bbox"]), annotation.get("bbox_mode", BoxMode.XYWH_ABS), BoxMode.XYXY_ABS)
+    if not all(math.isfinite(v) for v in box):
+        return f"box {list(annotation['bbox'])} is not finite"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return f"box {list(annotation['bbox'])} has no area"
+    return None
+
+
+def _polygon_problem(polygon: Sequence[float]) -> Optional[str]:
+    if len(polygon) < 6 or len(polygon) % 2:
+        return f"polygon of {len(polygon)} coordinates (needs 3 or more x, y points)"
+    xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(xy).all():
+        return "polygon is not finite"
+    area = 0.5 * abs(np.dot(xy[:, 0], np.roll(xy[:, 1], 1)) - np.dot(xy[:, 1], np.roll(xy[:, 0], 1)))
+    return None if area > 0 else "polygon has no area"
+
+
+def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
+    """Training records without degenerate annotations, with one warning that counts them.
+
+    An annotation is dropped if its box is not finite or has no area; a polygon is dropped
+    if it has fewer than 3 points or no area, and the annotation with it if none is left.
+    An image all of whose annotations were dropped is dropped too. Raises ValueError if no
+    image is left.
+    """
+    kept, dropped, emptied, example, total = [], 0, 0, None, 0
+    for record in records:
+        annotations = record.get("annotations")
+        if annotations is None:
+            kept.append(record)
+            continue
+        clean = []
+        for annotation in annotations:
+            total += 1
+            problem = _box_problem(annotation)
+            segmentation = annotation.get("segmentation")
+            if problem is None and isinstance(segmentation, list):
+                problems = [_polygon_problem(p) for p in segmentation]
+                if all(problems):
+                    problem = problems[0]
+                elif any(problems):
+                    annotation = {**annotation, "segmentation": [p for p, bad in zip(segmentation, problems) if not bad]}
+            if problem is None:
+                clean.append(annotation)
+                continue
+            dropped += 1
+            example = example or f"{record.get('file_name')}, annotation {annotation.get('id', '?')}: {problem}"
+        if annotations and not clean:
+            emptied += 1
+            continue
+        kept.append({**record, "annotations": clean} if len(clean) != len(annotations) else record)
+    if dropped:
+        logger.warning("Dropped %d of %d training annotations with degenerate boxes or polygons (e.g. %s)%s",
+                       dropped, total, example,
+                       f"; {emptied} image(s) left without annotations dropped" if emptied else "")
+    if records and not kept:
+        raise ValueError(f"no training image is left: all {total} annotations are degenerate (e.g. {example})")
+    return kept

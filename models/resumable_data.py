@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from .data import drop_degenerate_annotations
+
 __all__ = ["derive_seed", "GroupedBatchPlan", "MappedBatches", "build_resumable_train_loader", "StepSeeds"]
 
 logger = logging.getLogger(__name__)
@@ -145,12 +147,13 @@ def build_resumable_train_loader(dataset: Sequence[dict], *, mapper: Callable, t
     """A train loader that yields, from ``start_iter`` on, exactly the batches of an uninterrupted run.
 
     Arguments follow detectron2's ``build_detection_train_loader``; ``dataset`` is the list of
-    records (e.g. ``get_detection_dataset_dicts(...)``).
+    records (e.g. ``get_detection_dataset_dicts(...)``), whose degenerate annotations are
+    dropped with a warning (:func:`models.data.drop_degenerate_annotations`).
     """
     world_size = comm.get_world_size()
     if total_batch_size % world_size != 0:
         raise ValueError(f"total_batch_size {total_batch_size} is not divisible by the {world_size} processes")
-    records = list(dataset)
+    records = drop_degenerate_annotations(list(dataset))
     plan = GroupedBatchPlan([r["width"] > r["height"] for r in records], total_batch_size // world_size,
                             seed, comm.get_rank(), world_size, start_iter, aspect_ratio_grouping)
     batches = MappedBatches(records, mapper, seed, skip_unreadable)

@@ -1,20 +1,21 @@
 """COCO loaders with MIMDet's augmentation (SPEC §4): flip; with p=0.5 a short side of
 400/500/600 and an absolute random crop of 384..600; then a short side of 480..800 (max
-1333). Test: short side 800, max 1333. RGB, instance masks, total batch 64."""
+1333). Test: short side 800, max 1333. RGB, instance masks, total batch 64.
+
+The train loader is the resumable one (models/resumable_data.py): the launcher gives it the
+run's seed and the iteration to start at, so a resumed run sees the batches and
+augmentations an uninterrupted one would."""
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import (
-    DatasetMapper,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
+from models.resumable_data import build_resumable_train_loader
+
 dataloader = OmegaConf.create()
 
-dataloader.train = L(build_detection_train_loader)(
+dataloader.train = L(build_resumable_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
     mapper=L(DatasetMapper)(
         is_train=True,
@@ -41,6 +42,7 @@ dataloader.train = L(build_detection_train_loader)(
     ),
     total_batch_size=64,
     num_workers=4,
+    skip_unreadable=True,  # an image that cannot be read is skipped with a warning; False: stop
 )
 
 dataloader.test = L(build_detection_test_loader)(
