@@ -24,9 +24,9 @@ from torch import nn
 from .pos_embed import resize_pos_table
 
 __all__ = [
-    "LoadReport", "load_checkpoint_file", "save_checkpoint_atomic", "summarize_names",
+    "LoadReport", "load_checkpoint_file", "save_checkpoint_atomic", "write_atomic", "summarize_names",
     "load_mae_into_mimdet", "load_mae_into_benchmarking_vit", "load_mae_weights",
-    "resize_pos_tables", "SafeDetectionCheckpointer",
+    "resize_pos_tables", "check_same_architecture", "SafeDetectionCheckpointer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ _TENSOR_GLOBALS = ("torch.", "collections.OrderedDict")  # what torch's legacy f
 # Fixed position tables of the detectors: name suffix -> leading (cls) slots before the grid.
 _DETECTOR_POS_TABLES = {"encoder.pos_embed": 1, "decoder.decoder_pos_embed": 1, "bottom_up.pos_embed": 0}
 _FEW = 5
+# Entries whose shape follows the number of classes: they may differ when fine-tuning on other data.
+_CLASS_DEPENDENT = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
+# A detector checkpoint must cover at least this fraction of the model's values to be loaded.
+_MIN_COVERAGE = 0.5
 
 
 @dataclass
@@ -114,7 +118,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return data
 
 
-def _write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write through ``write`` into a temp file beside ``path``, fsync, then rename it over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -139,7 +143,7 @@ def _write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
 
 def save_checkpoint_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
     """``torch.save(obj, path)`` that leaves either the old file or the complete new one."""
-    _write_atomic(os.fspath(path), lambda f: torch.save(obj, f))
+    write_atomic(os.fspath(path), lambda f: torch.save(obj, f))
 
 
 def summarize_names(names: Iterable[str]) -> str:
@@ -302,9 +306,38 @@ def resize_pos_tables(state: Dict[str, Any], model_state: Mapping[str, torch.Ten
     return resized
 
 
+def check_same_architecture(state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint made for another architecture.
+
+    Raises ValueError, naming entries and shapes, if an entry the two share differs in shape
+    (except the class-dependent predictors, which detectron2 skips when fine-tuning on other
+    classes, and the fixed position tables, which :func:`resize_pos_tables` resizes), or if
+    the checkpoint covers less than half of the model's values.
+    """
+    def may_differ(key: str) -> bool:
+        return key.startswith(_CLASS_DEPENDENT) or any(key == t or key.endswith("." + t) for t in _DETECTOR_POS_TABLES)
+
+    shared = [k for k in model_state if k in state and hasattr(state[k], "shape")]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
+                  for k in shared if tuple(state[k].shape) != tuple(model_state[k].shape) and not may_differ(k)]
+    if mismatched:
+        raise ValueError(f"checkpoint is for another architecture: {len(mismatched)} entries differ in shape: "
+                         f"{_few(mismatched)}")
+    total = sum(v.numel() for v in model_state.values())
+    covered = sum(model_state[k].numel() for k in shared)
+    if total and covered < _MIN_COVERAGE * total:
+        absent = [k for k in model_state if k not in state]
+        hint = " (an MAE checkpoint goes to mae_checkpoint.path)" if any(k.startswith("blocks.") for k in state) else ""
+        raise ValueError(
+            f"checkpoint is for another architecture{hint}: it has {100 * covered / total:.0f}% of the model's "
+            f"values; the model's {summarize_names(absent)} are not in it, which holds {summarize_names(list(state))}"
+        )
+
+
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """detectron2's DetectionCheckpointer that reads with ``weights_only=True``, resizes fixed
-    position tables to the model's grid and writes checkpoints and ``last_checkpoint`` atomically.
+    position tables to the model's grid, refuses checkpoints of other architectures
+    (:func:`check_same_architecture`) and writes checkpoints and ``last_checkpoint`` atomically.
 
     Detectron/Caffe2 ``.pkl`` files are refused: plain pickles can run code.
     """
@@ -318,7 +351,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         _strip_prefix_if_present(checkpoint["model"], "module.")
-        resize_pos_tables(checkpoint["model"], self.model.state_dict())
+        model_state = self.model.state_dict()
+        check_same_architecture(checkpoint["model"], model_state)
+        resize_pos_tables(checkpoint["model"], model_state)
         return super()._load_model(checkpoint)
 
     def save(self, name: str, **kwargs: Any) -> None:
@@ -336,5 +371,5 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        _write_atomic(os.path.join(self.save_dir, "last_checkpoint"),
+        write_atomic(os.path.join(self.save_dir, "last_checkpoint"),
                       lambda f: f.write(last_filename_basename.encode()))

@@ -1,0 +1,166 @@
+"""Crash-safe resume: a run killed at any moment and restarted with ``--resume`` ends exactly
+as an uninterrupted one.
+
+The data stream, augmentation and model randomness are functions of (seed, iteration)
+(:mod:`models.resumable_data`), so a checkpoint needs only the weights, the optimizer, the
+trainer's iteration and hook states, and the run's seed. This module adds:
+
+* :class:`ResumableCheckpointer`: resumes from the newest checkpoint that can be read,
+  falling back (with a warning) past truncated or corrupt ones, never silently from scratch;
+  saves the run's seed in every checkpoint.
+* :class:`MetricHistory`: carries the writers' recent scalar history through checkpoints, so
+  the smoothed losses a resumed run writes are those of an uninterrupted run.
+* :func:`drop_metrics_after`: removes from ``metrics.json`` the records of iterations the
+  killed run wrote after its last checkpoint (the resumed run writes them again).
+"""
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from detectron2.engine import HookBase
+
+from .checkpoint import SafeDetectionCheckpointer, write_atomic
+
+__all__ = ["ResumePoint", "ResumableCheckpointer", "MetricHistory", "drop_metrics_after",
+           "remove_partial_checkpoints"]
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINTS = "model_*.pth"
+_PARTIAL_CHECKPOINTS = ".model_*.tmp"  # temporary files of interrupted atomic saves
+
+
+@dataclass
+class ResumePoint:
+    """A checkpoint to resume from: its path, the iteration it finished, the run's seed (None
+    in checkpoints written without one)."""
+
+    path: str
+    iteration: int
+    seed: Optional[int]
+
+
+class ResumableCheckpointer(SafeDetectionCheckpointer):
+    """``SafeDetectionCheckpointer`` that finds a readable checkpoint to resume from.
+
+    Args:
+        model, save_dir, checkpointables: as detectron2's ``DetectionCheckpointer``.
+        seed: the run's seed, written into every checkpoint (``ResumePoint.seed`` on resume).
+    """
+
+    def __init__(self, model, save_dir: str = "", *, seed: Optional[int] = None, **checkpointables: Any) -> None:
+        super().__init__(model, save_dir, **checkpointables)
+        self.seed = seed
+        self._read: Optional[Tuple[str, Dict[str, Any]]] = None  # the checkpoint validated by find_resume_point
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        super().save(name, **{"seed": self.seed, **kwargs})
+
+    def resume_candidates(self) -> List[str]:
+        """The file ``last_checkpoint`` names, then every ``model_*.pth`` of ``save_dir``, newest first."""
+        found = sorted(glob.glob(os.path.join(self.save_dir, _CHECKPOINTS)), key=os.path.getmtime, reverse=True)
+        if not self.has_checkpoint():
+            return found
+        last = self.get_checkpoint_file()
+        return [last] + [path for path in found if os.path.abspath(path) != os.path.abspath(last)]
+
+    def find_resume_point(self) -> Optional[ResumePoint]:
+        """The newest checkpoint that reads completely and holds a training state, or None if
+        ``save_dir`` has no checkpoint at all.
+
+        Unreadable ones are skipped with a warning; if there are checkpoints but none can be
+        read, raises RuntimeError rather than start over them from scratch.
+        """
+        candidates = self.resume_candidates()
+        skipped = []
+        for path in candidates:
+            try:
+                data = self._load_file(path)
+                iteration = int(data["iteration"])
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:
+                reason = f"it has no training iteration ({e})" if isinstance(e, KeyError) else e
+                logger.warning("Cannot resume from %s: %s", path, reason)
+                skipped.append(os.path.basename(path))
+                continue
+            if skipped:
+                logger.warning("Resuming from the previous good checkpoint %s (iteration %d), skipping %s",
+                               path, iteration, ", ".join(skipped))
+            self._read = (path, data)
+            return ResumePoint(path, iteration, data.get("seed"))
+        if candidates:
+            raise RuntimeError(
+                f"--resume: none of the {len(candidates)} checkpoint(s) in {self.save_dir} can be read "
+                f"({', '.join(skipped)}); refusing to start from scratch over them. Move them away to start "
+                "a new run."
+            )
+        return None
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if self._read is not None and self._read[0] == filename:  # read once, by find_resume_point
+            data, self._read = self._read[1], None
+            return data
+        return super()._load_file(filename)
+
+
+def remove_partial_checkpoints(save_dir: str) -> int:
+    """Delete the temporary files that interrupted checkpoint saves left in ``save_dir``."""
+    partial = glob.glob(os.path.join(save_dir, _PARTIAL_CHECKPOINTS))
+    for path in partial:
+        os.remove(path)
+    if partial:
+        logger.info("Removed %d partial checkpoint file(s) of interrupted saves in %s", len(partial), save_dir)
+    return len(partial)
+
+
+class MetricHistory(HookBase):
+    """Saves the last ``window`` values of every scalar with the trainer's checkpoint and puts
+    them back into the event storage when a resumed run starts.
+
+    detectron2's writers print and write the median over the last 20 iterations
+    (``window`` default); without the history a resumed run would smooth over fewer values.
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self._restored: Dict[str, List[Tuple[float, int]]] = {}
+
+    def state_dict(self) -> Dict[str, List[Tuple[float, int]]]:
+        histories = self.trainer.storage.histories()
+        return {name: [(float(v), int(i)) for v, i in buffer.values()[-self.window:]]
+                for name, buffer in histories.items()}
+
+    def load_state_dict(self, state_dict: Dict[str, List[Tuple[float, int]]]) -> None:
+        self._restored = dict(state_dict)
+
+    def before_train(self) -> None:
+        histories = self.trainer.storage.histories()  # defaultdict(HistoryBuffer)
+        for name, values in self._restored.items():
+            for value, iteration in values:
+                histories[name].update(value, iteration)
+        self._restored = {}
+
+
+def drop_metrics_after(output_dir: str, iteration: int) -> int:
+    """Remove the ``metrics.json`` records of iterations after ``iteration`` (and a line cut
+    short by a kill); returns how many were removed."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    dropped = len(lines) - len(kept)
+    if dropped:
+        write_atomic(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+        logger.info("metrics.json: removed %d record(s) after iteration %d; the resumed run writes them again",
+                    dropped, iteration)
+    return dropped

@@ -1,0 +1,103 @@
+"""models/resume.py: choosing the checkpoint to resume from, the run's seed, the metric
+history and metrics.json after a kill."""
+import json
+import logging
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import models  # noqa: F401  (before detectron2)
+from detectron2.utils.events import EventStorage
+
+from models.resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
+
+
+def _checkpointer(directory, seed=None):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    return ResumableCheckpointer(model, str(directory), seed=seed), model
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # creates the marker file when unpickled
+
+
+def test_falls_back_past_truncated_and_code_carrying_checkpoints(tmp_path, caplog):
+    checkpointer, model = _checkpointer(tmp_path, seed=42)
+    checkpointer.save("model_0000001", iteration=1)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    checkpointer.save("model_0000003", iteration=3)
+    newest = tmp_path / "model_0000003.pth"
+    newest.write_bytes(newest.read_bytes()[:100])
+    marker = tmp_path / "code_ran"
+    with open(tmp_path / "model_0000005.pth", "wb") as f:
+        pickle.dump({"model": {}, "iteration": 5, "x": _RunsCode(marker)}, f)
+    (tmp_path / "last_checkpoint").write_text("model_0000005.pth")
+
+    resumed, resumed_model = _checkpointer(tmp_path)
+    with torch.no_grad():
+        resumed_model.weight.zero_()
+    with caplog.at_level(logging.WARNING, logger="models.resume"):
+        point = resumed.find_resume_point()
+    assert (point.path, point.iteration, point.seed) == (str(tmp_path / "model_0000001.pth"), 1, 42)
+    assert not marker.exists()
+    assert caplog.text.count("Cannot resume from") == 2
+    assert "previous good checkpoint" in caplog.text and "skipping model_0000005.pth, model_0000003.pth" in caplog.text
+    assert resumed.load(point.path) == {"iteration": 1, "seed": 42}
+    assert all(torch.equal(resumed_model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_no_checkpoint_is_a_new_run_but_unreadable_ones_are_never_overwritten(tmp_path):
+    checkpointer, _ = _checkpointer(tmp_path)
+    assert checkpointer.find_resume_point() is None
+    (tmp_path / "model_0000001.pth").write_bytes(b"not a checkpoint")
+    torch.save({"model": {}}, tmp_path / "model_final.pth")  # weights, but no training state
+    with pytest.raises(RuntimeError, match=r"none of the 2 checkpoint\(s\) .* refusing to start from scratch"):
+        checkpointer.find_resume_point()
+
+
+def test_partial_saves_are_removed(tmp_path):
+    (tmp_path / ".model_0000005.pth.abc.tmp").write_bytes(b"PK")
+    (tmp_path / "model_0000003.pth").write_bytes(b"kept")
+    assert remove_partial_checkpoints(str(tmp_path)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model_0000003.pth"]
+
+
+class _Trainer:
+    def __init__(self, storage):
+        self.storage = storage
+
+
+def test_metric_history_gives_a_resumed_run_the_same_smoothed_values():
+    with EventStorage(0) as uninterrupted:
+        for it in range(30):
+            uninterrupted.iter = it
+            uninterrupted.put_scalar("loss", float((it * 7) % 11))
+        hook = MetricHistory(window=20)
+        hook.trainer = _Trainer(uninterrupted)
+        state = hook.state_dict()
+    assert [i for _, i in state["loss"]] == list(range(10, 30))
+
+    with EventStorage(30) as resumed:
+        hook = MetricHistory(window=20)
+        hook.trainer = _Trainer(resumed)
+        hook.load_state_dict(state)
+        hook.before_train()
+        assert resumed.history("loss").median(20) == uninterrupted.history("loss").median(20)
+        assert resumed.history("loss").latest() == uninterrupted.history("loss").latest()
+
+
+def test_metrics_after_the_checkpoint_and_a_cut_line_are_dropped(tmp_path):
+    lines = [json.dumps({"iteration": i, "loss": i / 10}) for i in range(6)] + ['{"iteration": 6, "lo']
+    (tmp_path / "metrics.json").write_text("\n".join(lines))
+    assert drop_metrics_after(str(tmp_path), 3) == 3
+    assert (tmp_path / "metrics.json").read_text().splitlines() == lines[:4]
+    assert drop_metrics_after(str(tmp_path / "absent"), 3) == 0
