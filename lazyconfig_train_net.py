@@ -5,35 +5,41 @@
     python lazyconfig_train_net.py --config-file CONFIG --num-gpus N --eval-only train.init_checkpoint=MODEL
     python lazyconfig_train_net.py ... --num-machines M --node_rank R --master_addr A --master_port P
 
+    python lazyconfig_train_net.py --config-file CONFIG --num-cpu-processes N ...   (gloo DDP, no GPU)
+    torchrun --nproc_per_node N lazyconfig_train_net.py --config-file CONFIG ...
+
 The config provides ``model``, ``dataloader.{train,test,evaluator}``, ``optimizer``,
 ``lr_multiplier``, ``train`` (configs/common/train.py), ``mae_checkpoint.path`` (MAE weights
 loaded before ``train.init_checkpoint``, which wins) and ``datasets.register`` (extra
-COCO-format datasets). Without CUDA it runs in one process on the CPU, without AMP.
+COCO-format datasets). Without CUDA it runs on the CPU; ``train.amp`` is bf16 autocast there.
+
+``--resume`` continues from the newest readable checkpoint of ``train.output_dir`` exactly as
+the run would have gone on (models/resume.py); without one it starts a new run.
 """
+import contextlib
 import inspect
 import logging
+import os
 from typing import List, Optional
 
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.engine import (
-    AMPTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    default_writers,
-    hooks,
-    launch,
-)
+from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
 from models.checkpoint import SafeDetectionCheckpointer, load_mae_weights
-from models.data import register_coco_datasets, thing_classes
+from models.data import check_dataset_files, register_coco_datasets, thing_classes
+from models.engine import MixedPrecisionTrainer, resolve_amp_dtype
+from models.launch import launch
+from models.resumable_data import StepSeeds, build_resumable_train_loader, derive_seed
+from models.resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
+from models.sync_norm import sync_batchnorm_for_cpu
 
 logger = logging.getLogger("detectron2")
 
@@ -83,22 +89,35 @@ def _check_new_key(cfg, key: str) -> None:
 
 def load_config(config_file: str, overrides: List[str]):
     """Load a LazyConfig file and apply command-line overrides."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file!r} (see configs/ for the available ones)")
     cfg = LazyConfig.load(config_file)
     return apply_overrides(cfg, overrides)
+
+
+def amp_dtype(cfg, evaluation: bool = False) -> Optional[torch.dtype]:
+    """The autocast dtype of training (or of evaluation), None for fp32."""
+    enabled = cfg.train.amp.enabled
+    if evaluation and cfg.train.amp.get("eval", None) is not None:
+        enabled = cfg.train.amp.eval
+    return resolve_amp_dtype(enabled, cfg.train.amp.get("dtype", None), torch.device(cfg.train.device).type)
 
 
 def prepare(cfg, eval_only: bool = False) -> None:
     """Fit the config to this machine and to its datasets (call after default_setup).
 
-    The number of classes follows the training set (the test set with ``eval_only``).
+    Checks the AMP settings and that the datasets' files exist; the number of classes
+    follows the training set (the test set with ``eval_only``).
     """
     if not torch.cuda.is_available() and cfg.train.device != "cpu":
         logger.info("CUDA is not available: running on CPU (train.device=cpu).")
         cfg.train.device = "cpu"
-    if cfg.train.device == "cpu" and cfg.train.amp.enabled:
-        logger.info("AMP turned off: detectron2's AMPTrainer is CUDA fp16 only (train.amp.enabled=False).")
-        cfg.train.amp.enabled = False
+    precision = [str(amp_dtype(cfg, evaluation=e) or "fp32").replace("torch.", "") for e in (False, True)]
+    if precision != ["fp32", "fp32"]:
+        logger.info("Mixed precision (train.amp) on %s: training %s, evaluation %s", cfg.train.device, *precision)
     register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
+    for split in ["test"] if eval_only else ["train", "test"]:
+        check_dataset_files(cfg.dataloader[split].dataset.names)
     roi_heads = cfg.model.get("roi_heads", None)
     if roi_heads is not None and "num_classes" in roi_heads:
         names = cfg.dataloader["test" if eval_only else "train"].dataset.names
@@ -111,110 +130,155 @@ def prepare(cfg, eval_only: bool = False) -> None:
             roi_heads.num_classes = len(classes)
 
 
-def do_test(cfg, model):
-    """Evaluate on ``dataloader.test`` with ``dataloader.evaluator``; print detectron2's tables."""
-    if "evaluator" not in cfg.dataloader:
+def do_test(cfg, model, seed: int = 0):
+    """Evaluate on ``dataloader.test`` with ``dataloader.evaluator``; print detectron2's tables.
+
+    Runs under autocast if ``train.amp`` says so; random token sampling (eval sample ratio
+    < 1) is seeded from ``seed``, so an evaluation gives the same result whenever it runs.
+    """
+    if cfg.dataloader.get("evaluator", None) is None:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    seed_all_rng(derive_seed(seed, 3, comm.get_rank()))
+    dtype = amp_dtype(cfg, evaluation=True)
+    autocast = torch.autocast(torch.device(cfg.train.device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with autocast:
+        results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
     return results
 
 
 def build_model(cfg) -> torch.nn.Module:
+    """The model on ``train.device``; SyncBN made gloo-capable for several CPU processes."""
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     logger.info("Parameters: %d", sum(p.numel() for p in model.parameters()))
-    return model.to(cfg.train.device)
+    model = model.to(cfg.train.device)
+    if cfg.train.device == "cpu" and comm.get_world_size() > 1:
+        sync_batchnorm_for_cpu(model)
+    return model
+
+
+def wrap_ddp(cfg, model: torch.nn.Module) -> torch.nn.Module:
+    """DistributedDataParallel with ``train.ddp`` when there are several processes."""
+    kwargs = dict(cfg.train.ddp)
+    if cfg.train.device == "cpu":
+        kwargs["device_ids"] = None  # DDP of a CPU module
+    return create_ddp_model(model, **kwargs)
+
+
+def build_train_loader(cfg, seed: int, start_iter: int):
+    """``dataloader.train``, starting at ``start_iter`` of the stream that ``seed`` defines."""
+    loader = cfg.dataloader.train
+    if loader._target_ in (build_resumable_train_loader, "models.resumable_data.build_resumable_train_loader"):
+        loader.seed, loader.start_iter = seed, start_iter
+    elif start_iter:
+        logger.warning("dataloader.train is not build_resumable_train_loader: the resumed run sees other data "
+                       "than an uninterrupted one would")
+    return instantiate(loader)
 
 
 def do_train(args, cfg) -> None:
-    """Train with the hooks of detectron2's lazyconfig_train_net (timer, lr, checkpoint, eval, writers)."""
+    """Train with the hooks of detectron2's lazyconfig_train_net (timer, lr, eval, writers, checkpoint),
+    resuming exactly where the last readable checkpoint left off with ``--resume``."""
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
-
-    model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = SafeDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    model = wrap_ddp(cfg, model)
+    checkpointer = ResumableCheckpointer(model, cfg.train.output_dir, optimizer=optimizer)
     main = comm.is_main_process()
+    resume = checkpointer.find_resume_point() if args.resume else None
+    if args.resume and resume is None:
+        logger.info("--resume: no checkpoint in %s, starting a new run", cfg.train.output_dir)
+    if resume and main:  # before the writers open metrics.json
+        remove_partial_checkpoints(cfg.train.output_dir)
+        drop_metrics_after(cfg.train.output_dir, resume.iteration)
+    # The checkpoint holds the iteration that just finished: continue at the next one.
+    start_iter = resume.iteration + 1 if resume else 0
+    seed = resume.seed if resume and resume.seed is not None else run_seed(cfg.train.get("seed", -1))
+    checkpointer.seed = seed
+
+    trainer = MixedPrecisionTrainer(model, build_train_loader(cfg, seed, start_iter), optimizer,
+                                    amp_dtype=amp_dtype(cfg), device_type=torch.device(cfg.train.device).type)
+    checkpointer.add_checkpointable("trainer", trainer)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            StepSeeds(seed),
+            MetricHistory(),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, seed)),
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                                 period=cfg.train.log_period) if main else None,
+            # Last: a checkpoint is written once its step's evaluation and metrics are written.
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-            hooks.PeriodicWriter(
-                default_writers(cfg.train.output_dir, cfg.train.max_iter), period=cfg.train.log_period
-            )
-            if main
-            else None,
         ]
     )
-    resuming = args.resume and checkpointer.has_checkpoint()
-    if not resuming:
-        load_mae_weights(_unwrap(model), cfg.mae_checkpoint.path)
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
-    # The checkpoint holds the iteration that just finished: continue at the next one.
-    start_iter = trainer.iter + 1 if resuming else 0
+    if resume:
+        checkpointer.load(resume.path)
+    else:
+        load_mae_weights(model, cfg.mae_checkpoint.path)
+        checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
     trainer.train(start_iter, cfg.train.max_iter)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+def run_seed(seed: int) -> int:
+    """``train.seed``, or for -1 a random seed shared by all processes."""
+    if seed >= 0:
+        return seed
+    seed = int(comm.shared_random_seed())
+    logger.info("train.seed=-1: this run's seed is %d (kept in its checkpoints)", seed)
+    return seed
 
 
 def main(args) -> Optional[dict]:
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="models", abbrev_name="mimdet")
+    if args.num_cpu_processes and cfg.train.device != "cpu":
+        logger.info("--num-cpu-processes: running on CPU (train.device=cpu).")
+        cfg.train.device = "cpu"
     prepare(cfg, eval_only=args.eval_only)
     if not args.eval_only:
         do_train(args, cfg)
         return None
-    model = create_ddp_model(build_model(cfg))
+    model = wrap_ddp(cfg, build_model(cfg))
     SafeDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
-    return do_test(cfg, model)
+    return do_test(cfg, model, run_seed(cfg.train.get("seed", -1)))
 
 
 def build_parser():
-    """detectron2's parser plus the torchrun-style names MIMDet's README uses."""
+    """detectron2's parser plus the torchrun-style names MIMDet's README uses and CPU processes."""
     parser = default_argument_parser()
     parser.add_argument("--node_rank", dest="machine_rank", type=int, help="alias of --machine-rank")
     parser.add_argument("--master_addr", default="", help="address of the rank-0 machine")
     parser.add_argument("--master_port", default="", help="free port on the rank-0 machine")
+    parser.add_argument("--num-cpu-processes", type=int, default=0,
+                        help="CPU processes per machine (DDP over gloo, no GPU needed); overrides --num-gpus")
     return parser
 
 
-def resolve_processes(args) -> int:
-    """Processes per machine; exits with a clear message when the GPUs asked for are absent."""
+def resolve_dist_url(args, parser) -> None:
+    """``--master_addr/--master_port`` -> ``args.dist_url``; on one machine, a free port by default."""
     if args.master_addr or args.master_port:
         if not (args.master_addr and args.master_port):
             raise SystemExit("--master_addr and --master_port must be given together")
         args.dist_url = f"tcp://{args.master_addr}:{args.master_port}"
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if args.num_gpus > available:
-        if available == 0 and args.num_gpus == 1:
-            return 1  # one CPU process (main() logs it)
-        # A multi-process CPU (gloo) launch would go here; detectron2 0.6's launch is NCCL only.
-        raise SystemExit(
-            f"--num-gpus {args.num_gpus} asked for, but {available} CUDA GPU(s) available on this machine"
-            + ("; without CUDA use --num-gpus 1 (one CPU process)" if available == 0 else "")
-        )
-    return max(args.num_gpus, 1)
+    elif args.num_machines == 1 and args.dist_url == parser.get_default("dist_url"):
+        args.dist_url = "auto"
+
+
+def cli(argv: Optional[List[str]] = None) -> None:
+    """Parse the command line, check the config, start the processes (models/launch.py)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_cpu_processes < 0:
+        raise SystemExit(f"--num-cpu-processes must be >= 0, got {args.num_cpu_processes}")
+    resolve_dist_url(args, parser)
+    load_config(args.config_file, args.opts)  # bad files and overrides fail here, before any process starts
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
 
 
 if __name__ == "__main__":
-    args = build_parser().parse_args()
-    num_processes = resolve_processes(args)
-    launch(
-        main,
-        num_processes,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    cli()

@@ -66,7 +66,8 @@ def toy(tmp_path_factory):
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    # One thread: on 2 shared cores, OpenMP threads of concurrent processes wait on each other.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "lazyconfig_train_net.py", "--config-file", TINY, *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
@@ -120,7 +121,8 @@ def test_eval_only_prints_ap(toy, trained):
 def test_more_gpus_than_available_is_a_clear_error(toy):
     result = launch("--num-gpus", "2", *toy[1])
     assert result.returncode != 0
-    assert "--num-gpus 2" in result.stderr and "0 CUDA GPU(s)" in result.stderr
+    assert "--num-gpus 2 asked for, but this machine has no CUDA GPU" in result.stderr
+    assert "--num-cpu-processes 2" in result.stderr
 
 
 def test_unknown_override_key_is_named(toy):
@@ -150,3 +152,33 @@ def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path):
     assert set(state) == set(released)
     mismatched = [k for k, v in released.items() if not torch.equal(state[k], v.to(state[k].dtype))]
     assert mismatched == []
+
+
+def test_amp_settings_resolve_per_device_and_evaluation_follows_training():
+    import lazyconfig_train_net as launcher
+
+    def dtypes(*overrides):
+        cfg = launcher.load_config(TINY, ["train.device=cpu", *overrides])
+        return launcher.amp_dtype(cfg), launcher.amp_dtype(cfg, evaluation=True)
+
+    assert dtypes() == (None, None)
+    assert dtypes("train.amp.enabled=True") == (torch.bfloat16, torch.bfloat16)
+    assert dtypes("train.amp.enabled=True", "train.amp.eval=False") == (torch.bfloat16, None)
+    assert dtypes("train.amp.eval=True", "train.amp.dtype=bf16") == (None, torch.bfloat16)
+
+
+@pytest.mark.parametrize("amp_eval, expected", [(None, torch.bfloat16), (False, torch.float32)])
+def test_evaluation_runs_under_autocast_when_amp_is_on(toy, amp_eval, expected):
+    import lazyconfig_train_net as launcher
+
+    _, overrides = toy
+    cfg = launcher.load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True",
+                                      f"train.amp.eval={'null' if amp_eval is None else amp_eval}",
+                                      "model.roi_heads.box_predictor.test_topk_per_image=5"])
+    launcher.prepare(cfg, eval_only=True)
+    model = launcher.build_model(cfg)
+    seen = []
+    model.roi_heads.box_predictor.register_forward_hook(lambda module, inputs, out: seen.append(out[0].dtype))
+    results = launcher.do_test(cfg, model)
+    assert set(seen) == {expected} and len(seen) == 8
+    assert {"bbox", "segm"} <= set(results)

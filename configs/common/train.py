@@ -9,12 +9,18 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",  # a detectron2 checkpoint; loaded after (and over) the MAE weights
     max_iter=67500,
-    amp=dict(enabled=True),
+    # Mixed precision. dtype: "bf16" (CPU and CUDA, no grad scaler) or "fp16" (CUDA only, with
+    # grad scaling); None: fp16 on CUDA as the seed, bf16 on CPU. eval: autocast in evaluation
+    # too (None: as enabled).
+    amp=dict(enabled=True, dtype=None, eval=None),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=True),
     checkpointer=dict(period=1875, max_to_keep=100),
     eval_period=1875,
     log_period=20,
     device="cuda",  # the launcher falls back to "cpu" when CUDA is absent
+    # Data order, augmentation and token sampling derive from (seed, iteration), so --resume
+    # continues a run exactly. -1: a random seed, drawn once per run and kept in its checkpoints.
+    seed=-1,
 )
 
 # The schedule is written in epochs (the scheduler sees the fraction of train.max_iter done),

@@ -1,0 +1,110 @@
+"""Bad input to lazyconfig_train_net.py: each a clear error naming the value (or, for images
+that vanish mid-training, a counted warning), checked through the launcher's own functions.
+
+Elsewhere: ``--resume`` with no checkpoint (test_crash_resume.py), unreadable checkpoints and
+pickles that would run code (test_resume.py, test_checkpoint.py), degenerate annotations
+(test_data.py), the unknown override key through a real launch (test_launcher.py).
+"""
+import itertools
+import logging
+
+import pytest
+import torch
+from detectron2.config import instantiate
+
+import lazyconfig_train_net as launcher
+from models.checkpoint import SafeDetectionCheckpointer
+from test_launcher import TINY, write_toy_coco
+
+pytest.importorskip("models.mimdet", reason="MIMDetBackbone not written yet")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_bad")
+    json_file = write_toy_coco(root)
+    return root, [
+        f"datasets.register=[{{name:toy_bad,json_file:'{json_file}',image_root:'{root / 'images'}'}}]",
+        "dataloader.train.dataset.names=toy_bad",
+        "dataloader.test.dataset.names=toy_bad",
+        f"train.output_dir={root / 'out'}",
+    ]
+
+
+@pytest.mark.parametrize("argv, error, message", [
+    (["--config-file", "configs/no_such_config.py"], FileNotFoundError,
+     r"config file not found: 'configs/no_such_config.py'"),
+    (["--config-file", TINY, "train.max_iters=3"], KeyError, r"unknown config key 'train.max_iters'"),
+    (["--config-file", TINY, "train.max_iter=three"], ValueError, r"train.max_iter is int \(4\), got 'three'"),
+    (["--config-file", TINY, "--num-gpus", "2"], SystemExit,
+     r"--num-gpus 2 asked for, but this machine has no CUDA GPU.* --num-cpu-processes 2"),
+    (["--config-file", TINY, "--num-cpu-processes", "-1"], SystemExit, r"--num-cpu-processes must be >= 0, got -1"),
+])
+def test_command_line_errors_come_before_any_process_starts(argv, error, message):
+    if error is SystemExit and "--num-gpus" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(error, match=message):
+        launcher.cli(argv)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("datasets.register=[{name:gone,json_file:'/nonexistent/gone.json',image_root:'/tmp'}]",
+     r"dataset 'gone': json_file /nonexistent/gone.json does not exist"),
+    ("datasets.register=[{name:gone,json_file:'" + __file__ + "',image_root:'/nonexistent/images'}]",
+     r"dataset 'gone': image_root /nonexistent/images is not a folder"),
+])
+def test_missing_dataset_files_are_named(override, message):
+    cfg = launcher.load_config(TINY, [override, "dataloader.train.dataset.names=gone"])
+    with pytest.raises(FileNotFoundError, match=message):
+        launcher.prepare(cfg)
+
+
+def test_sample_ratio_out_of_range_is_named(toy):
+    cfg = launcher.load_config(TINY, [*toy[1], "model.backbone.bottom_up.sample_ratio=1.5"])
+    with pytest.raises(ValueError, match=r"sample_ratio must be a number in \(0, 1\], got 1\.5"):
+        launcher.build_model(cfg)
+
+
+def test_fp16_on_cpu_is_named(toy):
+    cfg = launcher.load_config(TINY, [*toy[1], "train.amp.enabled=True", "train.amp.dtype=fp16", "train.device=cpu"])
+    with pytest.raises(ValueError, match=r"train.amp.dtype='fp16' needs CUDA; on cpu use 'bf16'"):
+        launcher.prepare(cfg)
+
+
+def test_checkpoint_of_another_architecture_is_refused(toy, tmp_path):
+    cfg = launcher.load_config(TINY, toy[1])
+    model = instantiate(cfg.model)
+    wider = instantiate(launcher.load_config(TINY, [*toy[1], "model.backbone.bottom_up.embed_dim=64"]).model)
+    torch.save({"model": wider.state_dict()}, tmp_path / "wider.pth")
+    with pytest.raises(ValueError, match=r"another architecture: \d+ entries differ in shape: "
+                                         r"backbone\.fpn_lateral2\.weight: checkpoint \(64, 16, 1, 1\) vs model \(64, 24"):
+        SafeDetectionCheckpointer(model).load(str(tmp_path / "wider.pth"))
+    mae_like = {k.replace("backbone.bottom_up.encoder.", ""): v for k, v in model.state_dict().items()
+                if k.startswith("backbone.bottom_up.encoder.blocks.")}
+    torch.save({"model": mae_like}, tmp_path / "mae_like.pth")
+    with pytest.raises(ValueError, match=r"another architecture \(an MAE checkpoint goes to mae_checkpoint.path\): "
+                                         r"it has 0% of the model's values"):
+        SafeDetectionCheckpointer(model).load(str(tmp_path / "mae_like.pth"))
+    fewer_classes = launcher.load_config(TINY, [*toy[1], "model.roi_heads.num_classes=5"]).model
+    torch.save({"model": instantiate(fewer_classes).state_dict()}, tmp_path / "other_classes.pth")
+    SafeDetectionCheckpointer(model).load(str(tmp_path / "other_classes.pth"))  # fine-tuning: predictors differ
+
+
+def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_stop(toy, caplog):
+    root, overrides = toy
+    cfg = launcher.load_config(TINY, [*overrides, "dataloader.train.aspect_ratio_grouping=False",
+                                      "dataloader.train.total_batch_size=4"])
+    launcher.prepare(cfg)
+    loader = launcher.build_train_loader(cfg, seed=0, start_iter=0)
+    (root / "images" / "002.png").unlink()  # the records are read: the files go after
+    (root / "images" / "005.png").write_bytes(b"\x89PNG but not really")
+    with caplog.at_level(logging.WARNING, logger="models.resumable_data"):
+        batches = list(itertools.islice(iter(loader), 2))  # one epoch: the 8 images
+    assert sorted(len(b) for b in batches) == [2, 4] or sorted(len(b) for b in batches) == [3, 3]
+    assert sorted(x["image_id"] for b in batches for x in b) == [1, 3, 4, 6, 7, 8]
+    assert "Skipping unreadable training image" in caplog.text and "002.png" in caplog.text
+    assert "005.png" in caplog.text and "(2 skipped by this loader process)" in caplog.text
+
+    strict = launcher.load_config(TINY, [*overrides, "dataloader.train.skip_unreadable=False"])
+    with pytest.raises(OSError, match=r"00[25]\.png"):
+        list(itertools.islice(iter(launcher.build_train_loader(strict, seed=0, start_iter=0)), 4))
