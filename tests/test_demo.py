@@ -1,0 +1,72 @@
+"""The demo (tools/demo.py) end to end on a few generated images and iterations."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tools import demo  # noqa: E402
+
+
+def _run_demo(tmp_path, *extra):
+    command = [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--output", str(tmp_path / "run"),
+               "--data", str(tmp_path / "shapes"), "--num-train", "8", "--num-val", "3", "--num-pictures", "2",
+               "train.max_iter=2", "train.eval_period=2", "train.checkpointer.period=1", "train.log_period=1",
+               "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+               "dataloader.test.num_workers=0", *extra]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("demo")
+    result = _run_demo(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path, result
+
+
+def test_demo_trains_evaluates_and_draws(demo_run):
+    tmp_path, result = demo_run
+    run = tmp_path / "run"
+    assert (run / "model_final.pth").is_file()
+    # The AP table: a header and one row per task with six numbers.
+    lines = result.stdout.splitlines()
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| bbox") or line.startswith("| segm")}
+    assert set(rows) == {"bbox", "segm"}
+    assert all(len(row.strip("|").split("|")) == 7 for row in rows.values())
+    for name in ("metrics.png", "predictions.png"):
+        assert str(run / name) in result.stdout
+        with Image.open(run / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) >= 200
+    # One annotated picture per val image asked for, and COCO results next to them.
+    assert sorted(os.listdir(run / "predictions")) == ["images.json", "results.json", "val_000000.png",
+                                                       "val_000001.png"]
+    # The launcher trained at sample ratio 0.5 and evaluated (at 1.0) at the last iteration.
+    records = [json.loads(line) for line in open(run / "metrics.json")]
+    assert len([r for r in records if "bbox/AP" in r and "segm/AP" in r]) == 1
+    assert "sample ratio 0.5 (eval 1.0)" in result.stderr + result.stdout
+
+
+def test_rerun_continues_and_fresh_starts_over(demo_run):
+    tmp_path, _ = demo_run
+    again = _run_demo(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Continuing the demo run" in again.stderr
+    fresh = _run_demo(tmp_path, "--fresh")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "--fresh: removing the previous demo run" in fresh.stderr
+
+
+def test_final_results_needs_an_evaluation(tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")
+    with pytest.raises(RuntimeError, match="holds no \\['bbox', 'segm'\\] evaluation"):
+        demo.final_results(str(metrics))
+    metrics.write_text(metrics.read_text() + json.dumps({"iteration": 1, "bbox/AP": 12.5, "bbox/AP50": 30.0,
+                                                         "segm/AP": 10.0}) + "\n")
+    assert demo.final_results(str(metrics)) == {"bbox": {"AP": 12.5, "AP50": 30.0}, "segm": {"AP": 10.0}}
