@@ -66,9 +66,9 @@ class MAEDecoderCompletion(nn.Module):
         if fill_mode == "mask_token":
             nn.init.normal_(self.mask_token, std=0.02)  # as MAE
 
-    def pos_table(self, grid: Tuple[int, int]) -> torch.Tensor:
-        """The fixed table resized to ``grid``, without its cls slot: (1, H*W, C)."""
-        return self._pos_tables(self.decoder_pos_embed, self.table_grid, grid, 1)
+    def pos_table(self, grid: Tuple[int, int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The fixed table resized to ``grid`` (and cast to ``dtype``), without its cls slot: (1, H*W, C)."""
+        return self._pos_tables(self.decoder_pos_embed, self.table_grid, grid, 1, dtype)
 
     def fill_tokens(self, stem_tokens: torch.Tensor, ids_dropped: torch.Tensor) -> torch.Tensor:
         """(B, L - N, C) tokens for the dropped image positions ``ids_dropped`` (B, L - N)."""
@@ -98,7 +98,7 @@ class MAEDecoderCompletion(nn.Module):
             fill = self.fill_tokens(stem_tokens, ids_shuffle[:, num_kept:]).to(x.dtype)
             x = torch.cat([x, fill], dim=1)  # (B, L, C), draw order
             x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # image order
-        x = x + self.pos_table((grid_h, grid_w)).to(x.dtype)
+        x = x + self.pos_table((grid_h, grid_w), x.dtype)
         use_checkpoint = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.decoder_blocks:
             x = activation_checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)

@@ -38,13 +38,11 @@ def init_vit_weights(module: nn.Module) -> None:
 def valid_token_mask(image_sizes: Sequence[Tuple[int, int]], grid: Tuple[int, int], patch_size: int,
                      device: Optional[torch.device] = None) -> torch.Tensor:
     """(B, H*W) bool, row-major: True for tokens inside each image's ceil(h/p) x ceil(w/p) region."""
-    grid_h, grid_w = grid
-    sizes = torch.tensor([list(s) for s in image_sizes], dtype=torch.long, device=device)  # (B, 2)
-    rows_valid = -(-sizes[:, 0] // patch_size)  # ceil(h / p), (B,)
-    cols_valid = -(-sizes[:, 1] // patch_size)
-    rows = torch.arange(grid_h, device=device)[None, :, None]  # (1, H, 1)
-    cols = torch.arange(grid_w, device=device)[None, None, :]  # (1, 1, W)
-    valid = (rows < rows_valid[:, None, None]) & (cols < cols_valid[:, None, None])  # (B, H, W)
+    # Filled on the device from Python ints: a tensor of the sizes copied from the host would
+    # make a CUDA forward wait for the work queued before it.
+    valid = torch.zeros(len(image_sizes), *grid, dtype=torch.bool, device=device)  # (B, H, W)
+    for image_valid, (height, width) in zip(valid, image_sizes):
+        image_valid[: -(-height // patch_size), : -(-width // patch_size)] = True
     return valid.flatten(1)
 
 
@@ -123,16 +121,16 @@ class PartialObservationEncoder(nn.Module):
         self.blocks.apply(init_vit_weights)
         self.norm.apply(init_vit_weights)
 
-    def pos_table(self, grid: Tuple[int, int]) -> torch.Tensor:
-        """The fixed table resized to ``grid``, without its cls slot: (1, H*W, D)."""
-        return self._pos_tables(self.pos_embed, self.table_grid, grid, 1)
+    def pos_table(self, grid: Tuple[int, int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The fixed table resized to ``grid`` (and cast to ``dtype``), without its cls slot: (1, H*W, D)."""
+        return self._pos_tables(self.pos_embed, self.table_grid, grid, 1, dtype)
 
     def embed(self, images: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
         """Stem maps (stride 4, 8, 16) and the position-encoded tokens (B, L, D) in image order."""
         stem_maps = self.patch_embed(images)
         grid = tuple(stem_maps[2].shape[-2:])
         tokens = stem_maps[2].flatten(2).transpose(1, 2)  # (B, L, D), row-major
-        return stem_maps, tokens + self.pos_table(grid).to(tokens.dtype)
+        return stem_maps, tokens + self.pos_table(grid, tokens.dtype)
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT blocks and the final norm on (B, N, D) tokens."""

@@ -8,7 +8,7 @@ Two layouts exist in the checkpoints we load:
 * MoCo v3 (used by Benchmarking-ViT, square grids): no cls slot; its meshgrid puts the row
   first, so channels are [sin(y), cos(y), sin(x), cos(x)].
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,8 @@ def resize_pos_table(
 
 
 class ResizedTableCache:
-    """Resized copies of a fixed table, one per token grid, so a forward pass never rebuilds them.
+    """Resized copies of a fixed table, one per token grid and dtype, so a forward pass never
+    rebuilds or recasts them (a mixed-precision forward adds the table in bf16 or fp16).
 
     A plain object (not a module): the table itself stays a parameter of its owner, under the
     name the released checkpoints use. Entries are dropped when the table is changed in place
@@ -85,16 +86,18 @@ class ResizedTableCache:
         self._cache: Dict[tuple, torch.Tensor] = {}
 
     def __call__(self, table: torch.Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int],
-                 num_prefix: int) -> torch.Tensor:
-        """The table for ``dst_grid`` without its prefix slots: (1, H*W, D)."""
+                 num_prefix: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The table for ``dst_grid`` without its prefix slots, in ``dtype`` (default the table's): (1, H*W, D)."""
+        dtype = dtype or table.dtype
         if table.requires_grad:
-            return resize_pos_table(table, src_grid, dst_grid, num_prefix)[:, num_prefix:]
+            return resize_pos_table(table, src_grid, dst_grid, num_prefix)[:, num_prefix:].to(dtype)
         identity = (table.device, table.dtype, table.data_ptr(), table._version)
-        key = (tuple(dst_grid),) + identity
+        key = (tuple(dst_grid), dtype) + identity
         cached = self._cache.get(key)
         if cached is None:
             with torch.no_grad():
-                cached = resize_pos_table(table, src_grid, dst_grid, num_prefix)[:, num_prefix:].contiguous()
-            self._cache = {k: v for k, v in self._cache.items() if k[1:] == identity}
+                resized = resize_pos_table(table, src_grid, dst_grid, num_prefix)[:, num_prefix:]
+                cached = resized.to(dtype).contiguous()
+            self._cache = {k: v for k, v in self._cache.items() if k[2:] == identity}
             self._cache[key] = cached
         return cached

@@ -24,6 +24,20 @@ def test_valid_mask_covers_ceil_of_true_size():
     assert valid[1].all()
 
 
+def test_forward_builds_no_tensor_from_host_data(encoder, monkeypatch):
+    # such a tensor is copied to the GPU on every forward, and the copy waits for the queued work
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was built from host data on the hot path")
+
+    images = torch.randn(2, 3, 64, 96)
+    encoder(images, [(64, 96), (30, 40)], 0.5)  # fill the position-table cache first
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse)
+    with torch.no_grad():
+        out = encoder(images, [(64, 96), (30, 40)], 0.5)
+    assert out.latent.shape == (2, 12, 64)
+
+
 def test_sampling_draws_real_tokens_first_and_restores_order():
     torch.manual_seed(1)
     valid = valid_token_mask([(20, 40), (64, 64)], grid=(4, 4), patch_size=16)  # 6 and 16 real tokens

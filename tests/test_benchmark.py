@@ -1,0 +1,198 @@
+"""tools/benchmark.py: the whole table on the tiny config, the CPU memory tracker, bf16 autocast
+of the backbone, and fvcore's count falling with the sample ratio."""
+import importlib.util
+import os
+
+import models  # noqa: F401  (detectron2 compatibility first)
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "test", "tiny_mimdet.py")
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load_tool("benchmark")
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    torch.manual_seed(0)
+    cfg = LazyConfig.load(TINY_CONFIG)
+    return instantiate(cfg.model.backbone.bottom_up)
+
+
+@pytest.fixture
+def keep_num_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tool_prints_every_column_for_each_ratio_and_dtype(tmp_path, capsys, keep_num_threads):
+    chart = tmp_path / "chart.png"
+    # one thread: toy tensors gain nothing from two, and a busy machine slows two-thread ops a lot
+    cells = benchmark.main(["--config-file", TINY_CONFIG, "--sample-ratios", "0.5", "1.0", "--dtypes", "fp32",
+                            "bf16", "--height", "96", "--width", "128", "--repeats", "1", "--warmup", "0",
+                            "--threads", "1", "--png", str(chart), "train.device=cpu"])
+    assert torch.get_num_threads() == 1
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("ratio"))
+    for title in ("tokens", "GFLOPs", "fwd ms", "fwd+bwd ms", "peak MiB", "det train img/s", "det train peak MiB",
+                  "det infer img/s"):
+        assert title in header
+    rows = [line for line in lines if line.lstrip().startswith(("0.5 |", "1 |"))]
+    assert len(rows) == 4
+    for row in rows:
+        fields = [f.strip() for f in row.split("|")]
+        assert len(fields) == 10 and "-" not in fields[3:]  # "-" marks a figure not measured
+        assert all(f.endswith("x)") for f in fields[3:])  # every figure with its ratio to the reference
+    assert rows[2].split("|")[3].strip().endswith("(1.00x)")  # sr 1.0 fp32 is the reference
+    # 96x128 -> 6x8 = 48 tokens: int(48 * 0.5) kept at 0.5
+    assert [(c.sample_ratio, c.dtype, c.tokens_kept, c.tokens_total) for c in cells] == [
+        (0.5, "fp32", 24, 48), (0.5, "bf16", 24, 48), (1.0, "fp32", 48, 48), (1.0, "bf16", 48, 48)]
+    for cell in cells:
+        for value in (cell.gflops, cell.forward_s, cell.train_s, cell.peak_bytes, cell.detector_train_ips,
+                      cell.detector_peak_bytes, cell.detector_infer_ips):
+            assert value is not None and value > 0
+    assert cells[0].gflops < cells[2].gflops
+    assert sum(line.startswith("target ") for line in lines) == 4
+    assert "GFLOPs by part at sample ratio 0.5: stem" in out
+    assert chart.stat().st_size > 0
+
+
+def test_targets_report_met_not_met_and_missing_cells():
+    Cell = benchmark.Cell
+    cells = [Cell(0.5, "fp32", train_s=5.0, peak_bytes=60.0), Cell(0.5, "bf16", train_s=2.0),
+             Cell(1.0, "fp32", train_s=10.0, peak_bytes=100.0)]
+    lines = benchmark.target_lines(cells)
+    assert lines[0].endswith("2.50x (target >= 1.8) met")
+    assert "n/a" in lines[1]  # no sr 0.25 cell
+    assert lines[2].endswith("0.50x (target <= 0.55) met")
+    assert lines[3].endswith("0.60x (target <= 0.7) met")
+    cells[0].peak_bytes = 80.0
+    assert benchmark.target_lines(cells)[3].endswith("0.80x (target <= 0.7) NOT met")
+
+
+def test_live_tensor_peak_counts_storages_once_and_frees_them():
+    tracker = benchmark.LiveTensorPeak()
+    with tracker:
+        a = torch.ones(1024)  # 4 KiB
+        view = a[:10]  # no new storage
+        a.add_(1)  # in place: no new storage
+        b = torch.ones(2048)  # 8 KiB, 12 KiB live
+        del a, view
+        c = b * 2  # 16 KiB live
+        del b, c
+    assert tracker.peak_bytes == 16 * 1024
+    assert tracker.live_bytes == 0
+
+
+def test_live_tensor_peak_ignores_views_of_tensors_made_before():
+    weight = torch.randn(512, 512)  # 1 MiB, allocated outside
+    tracker = benchmark.LiveTensorPeak()
+    with tracker:
+        transposed = weight.t()
+        row = weight[0]
+        weight.mul_(2)
+        product = row @ transposed  # 2 KiB, the only new storage
+    assert tracker.peak_bytes == product.numel() * 4 == 2048
+    del transposed
+
+
+def test_live_tensor_peak_sees_backward_allocations():
+    weight = torch.randn(256, 256, requires_grad=True)  # allocated outside: not counted
+    x = torch.randn(64, 256)
+    tracker = benchmark.LiveTensorPeak()
+    with tracker:
+        (x @ weight).relu().sum().backward()
+    assert weight.grad is not None
+    assert tracker.peak_bytes >= weight.numel() * 4  # at least the gradient
+    assert tracker.live_bytes == weight.numel() * 4  # the gradient outlives the step, the rest is freed
+
+
+class _HeavyOpDtypes(TorchDispatchMode):
+    """Records the floating dtypes of the inputs of matrix products, convolutions and attention."""
+
+    HEAVY = ("mm", "addmm", "bmm", "baddbmm", "convolution", "scaled_dot_product")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if any(name.startswith(heavy) or name.startswith("_" + heavy) for heavy in self.HEAVY):
+            dtypes = {a.dtype for a in tree_leaves(args) if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.seen.setdefault(name.split(".")[0], set()).update(dtypes)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_autocast_forward_backward_of_tiny_backbone_is_finite(tiny_backbone):
+    backbone = tiny_backbone.train()
+    padded = benchmark.ImageList(torch.randn(2, 3, 96, 128), [(96, 128), (70, 100)])  # sampled, with padding
+    backbone.zero_grad(set_to_none=True)
+    recorder = _HeavyOpDtypes()
+    with recorder:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = backbone(padded)
+            loss = sum(f.float().square().mean() for f in features.values())
+        loss.backward()
+    assert features["c4"].dtype == torch.bfloat16
+    # every matrix product, convolution and attention, forward and backward, ran in bf16
+    for op in ("addmm", "mm", "convolution", "convolution_backward"):
+        assert op in recorder.seen
+    not_bf16 = {op: dtypes for op, dtypes in recorder.seen.items() if dtypes != {torch.bfloat16}}
+    # the only fp32 input: the attention's saved log-sum-exp, which flash attention keeps in fp32
+    assert not_bf16 == {"_scaled_dot_product_flash_attention_for_cpu_backward": {torch.bfloat16, torch.float32}}
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(f.float()).all() for f in features.values())
+    grads = [p.grad for p in backbone.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+def test_gflops_fall_with_the_sample_ratio(tiny_backbone):
+    backbone = tiny_backbone.eval()
+    images = torch.randn(1, 3, 128, 160)
+    counts = {}
+    for ratio in (0.5, 1.0):
+        backbone.eval_sample_ratio = ratio
+        counts[ratio], parts = benchmark.backbone_gflops(backbone, images)
+        assert counts[ratio] == pytest.approx(sum(parts.values()), rel=1e-6)
+    backbone.eval_sample_ratio = None
+    assert counts[0.5] < counts[1.0]
+
+
+def test_attention_is_counted():
+    # one head, 10 queries, 12 keys, head dim 4: 10*12*4 (Q K^T) + 10*12*4 (P V)
+    query, key = torch.randn(1, 1, 10, 4), torch.randn(1, 1, 12, 4)
+    module = _SDPA()
+    analysis = benchmark.FlopCountAnalysis(module, (query, key))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", benchmark._sdpa_flop_jit)
+    assert analysis.total() == 2 * 10 * 12 * 4
+
+
+class _SDPA(torch.nn.Module):
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, key)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sample-ratios", "1.5"], "--sample-ratios must lie in"),
+    (["--height", "100"], "--height must be a positive multiple of 32"),
+    (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
+])
+def test_bad_arguments_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -1,0 +1,507 @@
+"""Benchmark MIMDet: what partial observation and mixed precision buy, in one table.
+
+    python tools/benchmark.py [--config-file CONFIG] [--sample-ratios 0.25 0.5 0.75 1.0] \\
+        [--dtypes fp32 bf16] [--height 800 --width 1216] [--batch-size 1] [--repeats 3] \\
+        [--warmup 1] [--device cpu|cuda] [--threads N] [--activation-checkpointing] [--skip-detector] \\
+        [--profile [ROWS]] [--png chart.png] [key=value ...]
+
+For every (sample ratio, dtype) cell, on random images of the given size:
+
+* backbone GFLOPs at that ratio (fvcore; one multiply-add counts as one flop, as fvcore does);
+* backbone forward time (eval mode, no grad) and forward+backward time (train mode), the
+  median of ``--repeats`` runs after ``--warmup`` runs, the runs going round-robin over all
+  cells so that a machine whose load changes during the run slows every cell alike;
+* peak memory of a backbone training step and of a detector training step, beyond the model
+  and the optimizer's state: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak
+  bytes of live tensors created during the step (activations, gradients, autocast weight
+  copies), tracked storage by storage, which is the same quantity;
+* whole-detector train images/s (forward, backward, the config's optimizer step) and
+  inference images/s (eval mode at that ratio), unless ``--skip-detector``.
+
+Every figure also shows its ratio to the sample-ratio-1.0 fp32 cell of the same run (or, if
+that cell is not measured, to the cell of the largest ratio and the first dtype). Mixed
+precision is ``torch.autocast`` with bf16 (CPU with AMX, CUDA) or fp16 (CUDA). Activation
+checkpointing is off unless ``--activation-checkpointing`` is given, whatever the config says.
+``key=value`` overrides are applied to the config first, as in lazyconfig_train_net.py.
+"""
+import argparse
+import contextlib
+import functools
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402,F401  (detectron2 compatibility first)
+import torch  # noqa: E402
+from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+from models.engine import resolve_amp_dtype  # noqa: E402
+
+__all__ = ["Cell", "LiveTensorPeak", "run_benchmark", "format_table", "target_lines", "main"]
+
+logger = logging.getLogger("mimdet.benchmark")
+
+DEFAULT_CONFIG = "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py"
+DTYPES = ("fp32", "bf16", "fp16")
+BOXES_PER_IMAGE = 8  # synthetic ground truth of the detector's training step
+MIB = 2.0 ** 20
+# The issue's targets (ViT-B backbone, forward+backward): (label, numerator cell, denominator cell, figure, bound).
+# A speedup is denominator/numerator >= bound; the others are numerator/denominator <= bound.
+TARGETS = (
+    ("bf16 speedup at sr 0.5 (fp32 / bf16 fwd+bwd time)", (0.5, "bf16"), (0.5, "fp32"), "train_s", ">=", 1.8),
+    ("sr 0.25 / sr 1.0 fwd+bwd time (fp32)", (0.25, "fp32"), (1.0, "fp32"), "train_s", "<=", 0.35),
+    ("sr 0.5 / sr 1.0 fwd+bwd time (fp32)", (0.5, "fp32"), (1.0, "fp32"), "train_s", "<=", 0.55),
+    ("sr 0.5 / sr 1.0 peak train memory (fp32)", (0.5, "fp32"), (1.0, "fp32"), "peak_bytes", "<=", 0.7),
+)
+# Columns: (title, Cell attribute).
+COLUMNS = (
+    ("GFLOPs", "gflops"),
+    ("fwd ms", "forward_s"),
+    ("fwd+bwd ms", "train_s"),
+    ("peak MiB", "peak_bytes"),
+    ("det train peak MiB", "detector_peak_bytes"),
+    ("det train img/s", "detector_train_ips"),
+    ("det infer img/s", "detector_infer_ips"),
+)
+_SCALE = {"forward_s": 1e3, "train_s": 1e3, "peak_bytes": 1.0 / MIB, "detector_peak_bytes": 1.0 / MIB}
+
+
+def _show(value: float) -> str:
+    """Whole numbers from 100 up, three significant digits below."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+@dataclass
+class Cell:
+    """The measurements of one (sample ratio, dtype); None where not measured."""
+
+    sample_ratio: float
+    dtype: str
+    tokens_kept: int = 0
+    tokens_total: int = 0
+    gflops: Optional[float] = None
+    forward_s: Optional[float] = None
+    train_s: Optional[float] = None
+    peak_bytes: Optional[float] = None
+    detector_train_ips: Optional[float] = None
+    detector_peak_bytes: Optional[float] = None
+    detector_infer_ips: Optional[float] = None
+    gflops_by_part: Dict[str, float] = field(default_factory=dict)
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """CPU stand-in for ``torch.cuda.max_memory_allocated``: peak bytes of live tensor storages
+    created while the mode is active (each storage counted once, until it is freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._storages: Dict[int, Tuple[weakref.ref, int]] = {}
+
+    def _release(self, key: int, ref: weakref.ref) -> None:
+        entry = self._storages.get(key)
+        if entry is not None and entry[0] is ref:
+            del self._storages[key]
+            self.live_bytes -= entry[1]
+
+    def _track(self, tensor: torch.Tensor, input_storages: set) -> None:
+        if tensor.device.type == "meta" or tensor.is_sparse:
+            return
+        storage = tensor.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        # views and in-place results share an input's storage (a parameter's, say): nothing new
+        if nbytes == 0 or key in self._storages or key in input_storages:
+            return
+        ref = weakref.ref(storage, lambda ref, key=key: self._release(key, ref))
+        self._storages[key] = (ref, nbytes)
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta" and not t.is_sparse}
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf, inputs)
+        return out
+
+
+def _sdpa_flop_jit(inputs, outputs) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: Q K^T and softmax(.) V products."""
+    query_shape, key_shape, value_shape = (inputs[i].type().sizes() for i in range(3))
+    *batch, len_q, head_dim = query_shape
+    len_k, value_dim = key_shape[-2], value_shape[-1]
+    return math.prod(batch) * len_q * len_k * (head_dim + value_dim)
+
+
+def backbone_gflops(backbone: torch.nn.Module, images: torch.Tensor) -> Tuple[float, Dict[str, float]]:
+    """fvcore GFLOPs of one forward of ``backbone`` (in its current mode), and by child module."""
+    analysis = FlopCountAnalysis(backbone, (images,))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.no_grad():
+        total = analysis.total() / 1e9
+    by_module = analysis.by_module()
+    skipped = analysis.unsupported_ops()
+    if skipped:
+        logger.debug("fvcore skipped (no flop handle): %s", dict(skipped))
+    parts = {name: by_module.get(name, 0) / 1e9 for name in ("encoder.patch_embed", "encoder", "decoder")}
+    parts["encoder"] -= parts["encoder.patch_embed"]
+    return total, {"stem": parts["encoder.patch_embed"], "encoder ViT": parts["encoder"], "decoder": parts["decoder"]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(steps: Sequence[Callable[[], None]], device: torch.device, repeats: int,
+                        warmup: int) -> List[float]:
+    """Median wall time of each step. Runs go round-robin over the steps (warm-up rounds first),
+    so a change in the machine's load during the run hits every step alike."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times: List[List[float]] = [[] for _ in steps]
+    for round_index in range(repeats):
+        logger.info("Timed round %d/%d", round_index + 1, repeats)
+        for step, step_times in zip(steps, times):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            step_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def peak_step_memory(fn: Callable[[], None], device: torch.device) -> float:
+    """Bytes allocated by one run of ``fn`` at its peak, above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    tracker = LiveTensorPeak()
+    with tracker:
+        fn()
+    return float(tracker.peak_bytes)
+
+
+def synthetic_images(batch: int, height: int, width: int, device: torch.device) -> ImageList:
+    """Normalised random images, all pixels real."""
+    generator = torch.Generator().manual_seed(0)
+    tensor = torch.randn(batch, 3, height, width, generator=generator).to(device)
+    return ImageList(tensor, [(height, width)] * batch)
+
+
+def synthetic_detector_inputs(batch: int, height: int, width: int, with_targets: bool) -> List[dict]:
+    """detectron2 dataset dicts of random 0-255 RGB images, with boxes and box-filling masks."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(batch):
+        image = torch.randint(0, 256, (3, height, width), generator=generator).float()
+        record = {"image": image, "height": height, "width": width}
+        if with_targets:
+            corners = torch.rand(BOXES_PER_IMAGE, 2, 2, generator=generator) * torch.tensor([width, height])
+            low, high = corners.min(1).values, corners.max(1).values + 16  # at least 16 px a side
+            boxes = torch.cat([low, torch.minimum(high, torch.tensor([width, height]))], dim=1)
+            masks = torch.zeros(BOXES_PER_IMAGE, height, width, dtype=torch.bool)
+            for mask, (x0, y0, x1, y1) in zip(masks, boxes.round().long().tolist()):
+                mask[y0:y1, x0:x1] = True
+            instances = Instances((height, width))
+            instances.gt_boxes = Boxes(boxes)
+            instances.gt_classes = torch.randint(0, 2, (BOXES_PER_IMAGE,), generator=generator)
+            instances.gt_masks = BitMasks(masks)
+            record["instances"] = instances
+        inputs.append(record)
+    return inputs
+
+
+def load_config(config_file: str, overrides: Sequence[str], checkpointing: bool):
+    """The LazyConfig with overrides, activation checkpointing set as asked."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file}: no such file")
+    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
+    bottom_up = cfg.model.backbone.bottom_up
+    if "sample_ratio" not in bottom_up:
+        raise ValueError(f"{config_file}: model.backbone.bottom_up has no sample_ratio; the benchmark needs a "
+                         f"MIMDet backbone")
+    for key in ("checkpoint_stem", "checkpoint_encoder", "checkpoint_decoder"):
+        bottom_up[key] = checkpointing
+    return cfg
+
+
+def _autocast(device: torch.device, dtype: str):
+    amp_dtype = None if dtype == "fp32" else resolve_amp_dtype(True, dtype, device.type)
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def run_benchmark(args: argparse.Namespace) -> List[Cell]:
+    """Measure every (sample ratio, dtype) cell of ``args``; return the cells in order."""
+    device = torch.device(args.device)
+    cfg = load_config(args.config_file, args.overrides, args.activation_checkpointing)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).to(device)
+    backbone = model.backbone.bottom_up
+    optimizer = None
+    if not args.skip_detector:
+        if "optimizer" in cfg:
+            cfg.optimizer.params.model = model
+            optimizer = instantiate(cfg.optimizer)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = synthetic_images(args.batch_size, args.height, args.width, device)
+    train_inputs = synthetic_detector_inputs(args.batch_size, args.height, args.width, with_targets=True)
+    infer_inputs = synthetic_detector_inputs(args.batch_size, args.height, args.width, with_targets=False)
+
+    # Each step sets its ratio and mode and enters autocast itself, as a training iteration does
+    # (autocast's cache of cast weights lives for one step).
+    def backbone_forward(ratio: float, dtype: str) -> None:
+        backbone.sample_ratio = backbone.eval_sample_ratio = ratio
+        backbone.eval()
+        with torch.no_grad(), _autocast(device, dtype):
+            backbone(images)
+
+    def backbone_train_step(ratio: float, dtype: str) -> None:
+        backbone.sample_ratio = ratio
+        backbone.train()
+        backbone.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            features = backbone(images)
+            loss = sum(f.float().mean() for f in features.values())
+        loss.backward()
+
+    def detector_train_step(ratio: float, dtype: str) -> None:
+        backbone.sample_ratio = ratio
+        model.train()
+        with _autocast(device, dtype):
+            losses = model(train_inputs)
+            loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def detector_inference(ratio: float, dtype: str) -> None:
+        backbone.sample_ratio = backbone.eval_sample_ratio = ratio
+        model.eval()
+        with torch.no_grad(), _autocast(device, dtype):
+            model(infer_inputs)
+
+    figures = {"forward_s": backbone_forward, "train_s": backbone_train_step}
+    if not args.skip_detector:
+        figures.update(detector_train_ips=detector_train_step, detector_infer_ips=detector_inference)
+    grid = (args.height // 16) * (args.width // 16)
+    cells, jobs = [], []
+    for ratio in args.sample_ratios:
+        backbone.sample_ratio = backbone.eval_sample_ratio = ratio
+        backbone.eval()
+        gflops, parts = backbone_gflops(backbone, images.tensor)
+        for dtype in args.dtypes:
+            cell = Cell(ratio, dtype, max(1, int(grid * ratio)), grid, gflops, gflops_by_part=parts)
+            cells.append(cell)
+            jobs += [(cell, attr, functools.partial(step, ratio, dtype)) for attr, step in figures.items()]
+    with EventStorage():  # detectron2's heads log to it in training
+        medians = interleaved_medians([step for *_, step in jobs], device, args.repeats, args.warmup)
+    for (cell, attr, _), seconds in zip(jobs, medians):
+        setattr(cell, attr, args.batch_size / seconds if attr.endswith("_ips") else seconds)
+    model.zero_grad(set_to_none=True)  # gradients exist only inside the measured steps
+    for cell in cells:
+        logger.info("Peak memory of a backbone training step, sample ratio %s, %s", cell.sample_ratio, cell.dtype)
+        cell.peak_bytes = peak_step_memory(functools.partial(backbone_train_step, cell.sample_ratio, cell.dtype),
+                                           device)
+        model.zero_grad(set_to_none=True)
+        if not args.skip_detector:
+            with EventStorage():
+                cell.detector_peak_bytes = peak_step_memory(
+                    functools.partial(detector_train_step, cell.sample_ratio, cell.dtype), device)
+            model.zero_grad(set_to_none=True)
+        if args.profile:
+            print(profile_table(functools.partial(backbone_train_step, cell.sample_ratio, cell.dtype), device,
+                                cell.dtype, cell.sample_ratio, args.profile))
+            model.zero_grad(set_to_none=True)
+    return cells
+
+
+def profile_table(step: Callable[[], None], device: torch.device, dtype: str, ratio: float, rows: int) -> str:
+    """torch.profiler's top operators (by self time) of one backbone training step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    step()  # warm-up, outside the trace
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=48)
+    return f"\nProfile of one backbone fwd+bwd step, sample ratio {ratio}, {dtype}:\n{table}"
+
+
+def reference_cell(cells: Sequence[Cell]) -> Cell:
+    """The sample-ratio-1.0 fp32 cell, else the largest ratio in the first dtype."""
+    for cell in cells:
+        if cell.sample_ratio == 1.0 and cell.dtype == "fp32":
+            return cell
+    largest = max(c.sample_ratio for c in cells)
+    return next(c for c in cells if c.sample_ratio == largest)
+
+
+def _find(cells: Sequence[Cell], ratio: float, dtype: str) -> Optional[Cell]:
+    return next((c for c in cells if c.sample_ratio == ratio and c.dtype == dtype), None)
+
+
+def format_table(cells: Sequence[Cell], title: str = "") -> str:
+    """One table: each figure with its ratio to the reference cell."""
+    reference = reference_cell(cells)
+    headers = ["ratio", "dtype", "tokens"] + [title for title, _ in COLUMNS]
+    rows = []
+    for cell in cells:
+        row = [f"{cell.sample_ratio:g}", cell.dtype, f"{cell.tokens_kept}/{cell.tokens_total}"]
+        for _, attr in COLUMNS:
+            value, base = getattr(cell, attr), getattr(reference, attr)
+            if value is None:
+                row.append("-")
+                continue
+            shown = _show(value * _SCALE.get(attr, 1.0))
+            row.append(f"{shown} ({value / base:.2f}x)" if base else shown)
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda items: " | ".join(s.rjust(w) for s, w in zip(items, widths))  # noqa: E731
+    rule = "-+-".join("-" * w for w in widths)
+    note = (f"(x) = ratio to sample ratio {reference.sample_ratio:g} {reference.dtype}; "
+            "images/s: larger is better, the rest: smaller is better")
+    parts = [title] if title else []
+    return "\n".join(parts + [line(headers), rule] + [line(r) for r in rows] + [note])
+
+
+def target_lines(cells: Sequence[Cell]) -> List[str]:
+    """The issue's four targets: measured value, bound, met or not (n/a where a cell is missing)."""
+    lines = []
+    for label, (r1, d1), (r2, d2), attr, op, bound in TARGETS:
+        first, second = _find(cells, r1, d1), _find(cells, r2, d2)
+        if first is None or second is None or getattr(first, attr) is None or not getattr(second, attr):
+            lines.append(f"target {label}: n/a (cells not measured in this run)")
+            continue
+        if op == ">=":
+            value = getattr(second, attr) / getattr(first, attr)
+            met = value >= bound
+        else:
+            value = getattr(first, attr) / getattr(second, attr)
+            met = value <= bound
+        lines.append(f"target {label}: {value:.2f}x (target {op} {bound}) {'met' if met else 'NOT met'}")
+    return lines
+
+
+def part_lines(cells: Sequence[Cell]) -> List[str]:
+    """Backbone GFLOPs by part at each ratio: what scales with the ratio and what does not."""
+    seen, lines = set(), []
+    for cell in cells:
+        if cell.sample_ratio in seen or not cell.gflops_by_part:
+            continue
+        seen.add(cell.sample_ratio)
+        parts = ", ".join(f"{name} {_show(value)}" for name, value in cell.gflops_by_part.items())
+        lines.append(f"GFLOPs by part at sample ratio {cell.sample_ratio:g}: {parts}")
+    return lines
+
+
+def write_chart(cells: Sequence[Cell], path: str, title: str) -> None:
+    """A PNG with one panel per figure against the sample ratio, one line per dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = [(t, a) for t, a in COLUMNS if any(getattr(c, a) is not None for c in cells)]
+    fig, axes = plt.subplots(1, len(figures), figsize=(3.6 * len(figures), 3.4), squeeze=False)
+    for ax, (label, attr) in zip(axes[0], figures):
+        for dtype in dict.fromkeys(c.dtype for c in cells):
+            points = [(c.sample_ratio, getattr(c, attr) * _SCALE.get(attr, 1.0))
+                      for c in cells if c.dtype == dtype and getattr(c, attr) is not None]
+            ax.plot(*zip(*points), marker="o", label=dtype)
+        ax.set_xlabel("sample ratio")
+        ax.set_title(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="LazyConfig .py file of a MIMDet detector")
+    parser.add_argument("--sample-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    parser.add_argument("--height", type=int, default=800)
+    parser.add_argument("--width", type=int, default=1216)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is shown)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (default: torch's choice, one per core)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="checkpoint stem, encoder and decoder activations (default: off)")
+    parser.add_argument("--skip-detector", action="store_true", help="backbone figures only")
+    parser.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="ROWS",
+                        help="also print torch.profiler's top operators of a backbone step per cell")
+    parser.add_argument("--png", help="write a chart of the figures against the sample ratio here")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_args(argv)
+    for ratio in args.sample_ratios:
+        if not 0.0 < ratio <= 1.0:
+            parser.error(f"--sample-ratios must lie in (0, 1], got {ratio}")
+    for name in ("height", "width"):
+        if getattr(args, name) <= 0 or getattr(args, name) % 32:
+            parser.error(f"--{name} must be a positive multiple of 32 (the backbone's size divisibility), "
+                         f"got {getattr(args, name)}")
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 0:
+        parser.error("--batch-size and --repeats must be >= 1, --warmup and --threads >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here; use --device cpu")
+    if "fp16" in args.dtypes and args.device != "cuda":
+        parser.error("--dtypes fp16 needs --device cuda; on CPU use bf16")
+    return args
+
+
+def main(argv=None) -> List[Cell]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    title = (f"{os.path.basename(args.config_file)}: backbone and detector, batch {args.batch_size} x "
+             f"{args.height}x{args.width}, {where}, activation checkpointing "
+             f"{'on' if args.activation_checkpointing else 'off'}, median of {args.repeats} after {args.warmup} "
+             f"warm-up")
+    cells = run_benchmark(args)
+    print("\n".join([format_table(cells, title)] + part_lines(cells) + target_lines(cells)))
+    if args.png:
+        write_chart(cells, args.png, title)
+        print(f"chart: {args.png}")
+    return cells
+
+
+if __name__ == "__main__":
+    main()
