@@ -36,13 +36,7 @@ from tqdm import tqdm  # noqa: E402
 
 from models.visualize import draw_instances  # noqa: E402
 
-try:
-    from models.checkpoint import SafeDetectionCheckpointer as Checkpointer, load_checkpoint_file
-except ImportError:  # the safe loader is optional: fall back to detectron2's
-    from detectron2.checkpoint import DetectionCheckpointer as Checkpointer
-
-    def load_checkpoint_file(path: str) -> dict:
-        return torch.load(path, map_location="cpu", weights_only=True)
+from models.checkpoint import SafeDetectionCheckpointer as Checkpointer, load_checkpoint_file  # noqa: E402
 
 logger = logging.getLogger("mimdet.infer")
 

@@ -39,16 +39,18 @@ model.backbone.out_channels = width
 model.proposal_generator.head.in_channels = width
 model.proposal_generator.head.conv_dims = [-1]  # one 3x3 conv
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
-model.proposal_generator.pre_nms_topk = (1000, 500)
-model.proposal_generator.post_nms_topk = (500, 100)
+model.proposal_generator.pre_nms_topk = (400, 200)  # a few shapes per image: few proposals
+model.proposal_generator.post_nms_topk = (200, 100)
 model.roi_heads.num_classes = 5
-model.roi_heads.batch_size_per_image = 64
+model.roi_heads.batch_size_per_image = 32
+model.roi_heads.box_pooler.sampling_ratio = 2  # 2x2 samples per bin: cheaper RoIAlign on CPU
+model.roi_heads.mask_pooler.sampling_ratio = 2
 model.roi_heads.box_head.input_shape = ShapeSpec(channels=width, height=7, width=7)
 model.roi_heads.box_head.conv_dims = []
 model.roi_heads.box_head.fc_dims = [256, 256]
 model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
 model.roi_heads.mask_head.input_shape = ShapeSpec(channels=width, height=14, width=14)
-model.roi_heads.mask_head.conv_dims = [64, 64, 64]
+model.roi_heads.mask_head.conv_dims = [64, 64]  # one 3x3 conv, then the deconv
 
 # Images are 160-256 px: flip, then a short side of 192-256 (no crop).
 dataloader.train.mapper.augmentations = [
@@ -67,10 +69,15 @@ optimizer.lr = 4e-4
 optimizer.weight_decay = 0.05
 
 train.max_iter = 1200
-train.amp.enabled = False
-train.checkpointer.period = 200
+# bf16 autocast (CPU and CUDA) for training: ~1.5x faster than fp32 on an AVX512-BF16 CPU;
+# evaluation in fp32. train.amp.enabled=False trains in fp32.
+train.amp.enabled = True
+train.amp.dtype = "bf16"
+train.amp.eval = False
+train.seed = 0  # the same run on every machine
+train.checkpointer.period = 300
 train.checkpointer.max_to_keep = 2
-train.eval_period = 600
+train.eval_period = 300
 train.log_period = 20
 train.output_dir = "output/demo"
 lr_multiplier.warmup_length = 0.05
