@@ -68,6 +68,7 @@ def test_tool_prints_every_column_for_each_ratio_and_dtype(tmp_path, capsys, kee
     assert cells[0].gflops < cells[2].gflops
     assert sum(line.startswith("target ") for line in lines) == 4
     assert "GFLOPs by part at sample ratio 0.5: stem" in out
+    assert "machine load (1-min load average" in out
     assert chart.stat().st_size > 0
 
 

@@ -22,7 +22,11 @@ Every figure also shows its ratio to the sample-ratio-1.0 fp32 cell of the same 
 that cell is not measured, to the cell of the largest ratio and the first dtype). Mixed
 precision is ``torch.autocast`` with bf16 (CPU with AMX, CUDA) or fp16 (CUDA). Activation
 checkpointing is off unless ``--activation-checkpointing`` is given, whatever the config says.
-``key=value`` overrides are applied to the config first, as in lazyconfig_train_net.py.
+The output ends with the machine's load average: on a CPU shared with other processes every
+multi-threaded op can wait a scheduler slice for a preempted thread, so timings from a busy
+machine are skewed (``--threads 1`` is steadier there).
+``key=value`` overrides are applied to the config first, as in lazyconfig_train_net.py; put
+them after ``--`` when they follow a list option (``--dtypes fp32 bf16 -- train.device=cpu``).
 """
 import argparse
 import contextlib
@@ -37,7 +41,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import models  # noqa: E402,F401  (detectron2 compatibility first)
 import torch  # noqa: E402
@@ -54,7 +59,7 @@ __all__ = ["Cell", "LiveTensorPeak", "run_benchmark", "format_table", "target_li
 
 logger = logging.getLogger("mimdet.benchmark")
 
-DEFAULT_CONFIG = "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py"
+DEFAULT_CONFIG = os.path.join(REPO, "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py")
 DTYPES = ("fp32", "bf16", "fp16")
 BOXES_PER_IMAGE = 8  # synthetic ground truth of the detector's training step
 MIB = 2.0 ** 20
@@ -385,8 +390,8 @@ def format_table(cells: Sequence[Cell], title: str = "") -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = lambda items: " | ".join(s.rjust(w) for s, w in zip(items, widths))  # noqa: E731
     rule = "-+-".join("-" * w for w in widths)
-    note = (f"(x) = ratio to sample ratio {reference.sample_ratio:g} {reference.dtype}; "
-            "images/s: larger is better, the rest: smaller is better")
+    note = (f"(x) = ratio to sample ratio {reference.sample_ratio:g} {reference.dtype}; GFLOPs, fwd, fwd+bwd and "
+            "peak: the backbone; det: the whole detector; images/s: larger is better, the rest: smaller is better")
     parts = [title] if title else []
     return "\n".join(parts + [line(headers), rule] + [line(r) for r in rows] + [note])
 
@@ -429,8 +434,12 @@ def write_chart(cells: Sequence[Cell], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figures = [(t, a) for t, a in COLUMNS if any(getattr(c, a) is not None for c in cells)]
-    fig, axes = plt.subplots(1, len(figures), figsize=(3.6 * len(figures), 3.4), squeeze=False)
-    for ax, (label, attr) in zip(axes[0], figures):
+    columns = min(4, len(figures))
+    rows = -(-len(figures) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.8 * columns, 3.2 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(figures):]:
+        ax.set_visible(False)
+    for ax, (label, attr) in zip(axes.flat, figures):
         for dtype in dict.fromkeys(c.dtype for c in cells):
             points = [(c.sample_ratio, getattr(c, attr) * _SCALE.get(attr, 1.0))
                       for c in cells if c.dtype == dtype and getattr(c, attr) is not None]
@@ -440,11 +449,16 @@ def write_chart(cells: Sequence[Cell], path: str, title: str) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0][0].legend()
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _load_average() -> str:
+    """Other processes' work skews CPU timings; the table reports how busy the machine was."""
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "unknown"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -495,8 +509,10 @@ def main(argv=None) -> List[Cell]:
              f"{args.height}x{args.width}, {where}, activation checkpointing "
              f"{'on' if args.activation_checkpointing else 'off'}, median of {args.repeats} after {args.warmup} "
              f"warm-up")
+    load_before = _load_average()
     cells = run_benchmark(args)
-    print("\n".join([format_table(cells, title)] + part_lines(cells) + target_lines(cells)))
+    load = f"machine load (1-min load average, {os.cpu_count()} cores): {load_before} at start, {_load_average()} at end"
+    print("\n".join([format_table(cells, title)] + part_lines(cells) + target_lines(cells) + [load]))
     if args.png:
         write_chart(cells, args.png, title)
         print(f"chart: {args.png}")
