@@ -199,7 +199,8 @@ def do_train(args, cfg) -> None:
     checkpointer.seed = seed
 
     trainer = MixedPrecisionTrainer(model, build_train_loader(cfg, seed, start_iter), optimizer,
-                                    amp_dtype=amp_dtype(cfg), device_type=torch.device(cfg.train.device).type)
+                                    amp_dtype=amp_dtype(cfg), device_type=torch.device(cfg.train.device).type,
+                                    clip_grad_norm=cfg.train.get("clip_grad_norm", None))
     checkpointer.add_checkpointable("trainer", trainer)
     trainer.register_hooks(
         [

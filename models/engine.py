@@ -63,14 +63,19 @@ class MixedPrecisionTrainer(SimpleTrainer):
     """``SimpleTrainer`` whose forward runs under ``torch.autocast`` (bf16 or fp16).
 
     fp16 uses a ``GradScaler`` (saved with the trainer's state); bf16 has fp32's range and
-    needs none. With ``amp_dtype=None`` this is exactly ``SimpleTrainer``.
+    needs none. ``clip_grad_norm`` clips the global L2 norm of all gradients (after unscaling)
+    and logs the norm before clipping as ``grad_norm``. With ``amp_dtype=None`` and no
+    clipping this is exactly ``SimpleTrainer``.
     """
 
     def __init__(self, model, data_loader, optimizer, amp_dtype: Optional[torch.dtype] = None,
-                 device_type: str = "cpu") -> None:
+                 device_type: str = "cpu", clip_grad_norm: Optional[float] = None) -> None:
         super().__init__(model, data_loader, optimizer)
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"train.clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
         self.amp_dtype = amp_dtype
         self.device_type = device_type
+        self.clip_grad_norm = clip_grad_norm
         use_scaler = amp_dtype is torch.float16
         self.grad_scaler = torch.amp.GradScaler(device_type, enabled=use_scaler) if use_scaler else None
 
@@ -94,6 +99,13 @@ class MixedPrecisionTrainer(SimpleTrainer):
             losses.backward()
         check_finite_losses(loss_dict, self.iter)  # before any update, on every process
         self._write_metrics(loss_dict, data_time)
+        if self.clip_grad_norm is not None:
+            if self.grad_scaler is not None:
+                self.grad_scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+            if comm.is_main_process():
+                self.storage.put_scalar("grad_norm", float(norm), smoothing_hint=True)
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()

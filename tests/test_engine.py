@@ -66,3 +66,29 @@ def test_amp_dtype_resolution_and_errors():
         resolve_amp_dtype(True, "fp16", "cpu")
     with pytest.raises(ValueError, match=r"one of \['bf16'.*got 'int8'"):
         resolve_amp_dtype(True, "int8", "cpu")
+
+
+def test_gradient_clipping_bounds_the_update_and_logs_the_norm():
+    """With lr 1 and SGD the update is the gradient itself: its global norm equals max_norm."""
+    updates = {}
+    for clip in (None, 0.01):
+        torch.manual_seed(1)  # the same initial weights, so the same first gradient
+        model = _Regressor()
+        before = model.linear.weight.detach().clone(), model.linear.bias.detach().clone()
+        trainer = MixedPrecisionTrainer(model, _data(), torch.optim.SGD(model.parameters(), lr=1.0),
+                                        device_type="cpu", clip_grad_norm=clip)
+        trainer.train(0, 1)
+        step = torch.cat([(model.linear.weight - before[0]).flatten(), model.linear.bias - before[1]])
+        updates[clip] = float(step.norm())
+        logged = trainer.storage.history("grad_norm").values() if clip else []
+        if clip:
+            assert len(logged) == 1 and logged[0][0] == pytest.approx(updates[None], rel=1e-5)
+    assert updates[None] > 1.0  # the unclipped gradient is far above the threshold
+    assert updates[0.01] == pytest.approx(0.01, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_gradient_clipping_rejects_a_non_positive_norm(bad):
+    model = _Regressor()
+    with pytest.raises(ValueError, match=r"train.clip_grad_norm must be a positive number or None, got"):
+        MixedPrecisionTrainer(model, _data(), torch.optim.SGD(model.parameters(), lr=1.0), clip_grad_norm=bad)

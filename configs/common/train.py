@@ -17,6 +17,7 @@ train = dict(
     checkpointer=dict(period=1875, max_to_keep=100),
     eval_period=1875,
     log_period=20,
+    clip_grad_norm=None,  # max global L2 norm of the gradients; None: no clipping (as the seed)
     device="cuda",  # the launcher falls back to "cpu" when CUDA is absent
     # Data order, augmentation and token sampling derive from (seed, iteration), so --resume
     # continues a run exactly. -1: a random seed, drawn once per run and kept in its checkpoints.

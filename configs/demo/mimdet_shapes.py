@@ -46,8 +46,8 @@ model.roi_heads.batch_size_per_image = 32
 model.roi_heads.box_pooler.sampling_ratio = 2  # 2x2 samples per bin: cheaper RoIAlign on CPU
 model.roi_heads.mask_pooler.sampling_ratio = 2
 model.roi_heads.box_head.input_shape = ShapeSpec(channels=width, height=7, width=7)
-model.roi_heads.box_head.conv_dims = []
-model.roi_heads.box_head.fc_dims = [256, 256]
+model.roi_heads.box_head.conv_dims = [width] * 4  # 4conv1fc with BN: learns from scratch far faster than 2fc
+model.roi_heads.box_head.fc_dims = [256]
 model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=256)
 model.roi_heads.mask_head.input_shape = ShapeSpec(channels=width, height=14, width=14)
 model.roi_heads.mask_head.conv_dims = [64, 64]  # one 3x3 conv, then the deconv
@@ -61,23 +61,24 @@ dataloader.train.mapper.augmentations[1].short_edge_length = (192, 224, 256)
 dataloader.train.mapper.augmentations[1].max_size = 384
 dataloader.test.mapper.augmentations[0].short_edge_length = 224
 dataloader.test.mapper.augmentations[0].max_size = 384
-dataloader.train.total_batch_size = 8
+dataloader.train.total_batch_size = 4  # on a CPU, time per image is the same at 4 and 8: 4 gives twice the updates
 dataloader.train.num_workers = 1
 dataloader.test.num_workers = 1
 
 optimizer.lr = 4e-4
 optimizer.weight_decay = 0.05
 
-train.max_iter = 1200
+train.max_iter = 1800  # 7,200 images, 12 epochs of the 600 train images
+train.clip_grad_norm = 1.0  # from random weights: keeps early updates in range
 # bf16 autocast (CPU and CUDA) for training: ~1.5x faster than fp32 on an AVX512-BF16 CPU;
 # evaluation in fp32. train.amp.enabled=False trains in fp32.
 train.amp.enabled = True
 train.amp.dtype = "bf16"
 train.amp.eval = False
 train.seed = 0  # the same run on every machine
-train.checkpointer.period = 300
+train.checkpointer.period = 450
 train.checkpointer.max_to_keep = 2
-train.eval_period = 300
+train.eval_period = 450
 train.log_period = 20
 train.output_dir = "output/demo"
 lr_multiplier.warmup_length = 0.05
