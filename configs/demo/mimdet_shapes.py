@@ -65,7 +65,7 @@ dataloader.train.total_batch_size = 4  # on a CPU, time per image is the same at
 dataloader.train.num_workers = 1
 dataloader.test.num_workers = 1
 
-optimizer.lr = 4e-4
+optimizer.lr = 6e-4  # encoder 3e-4, stem 6e-4, decoder/FPN/heads 1.2e-3 (lr_multiplier 2)
 optimizer.weight_decay = 0.05
 
 train.max_iter = 1500  # 6,000 images, 10 epochs of the 600 train images
