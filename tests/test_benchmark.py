@@ -1,6 +1,5 @@
 """tools/benchmark.py: the whole table on the tiny config, the CPU memory tracker, bf16 autocast
 of the backbone, and fvcore's count falling with the sample ratio."""
-import importlib.util
 import os
 
 import models  # noqa: F401  (detectron2 compatibility first)
@@ -10,18 +9,10 @@ from detectron2.config import LazyConfig, instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tools import benchmark
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "test", "tiny_mimdet.py")
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = _load_tool("benchmark")
 
 
 @pytest.fixture(scope="module")

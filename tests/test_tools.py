@@ -1,5 +1,4 @@
 """tools/infer.py and tools/plot_metrics.py: outputs users can load, clear errors on bad inputs."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from models.synthetic_shapes import SHAPE_CLASSES, ensure_shapes
+from tools import infer, plot_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,17 +42,6 @@ model.roi_heads.num_classes = 80  # the checkpoint's 5 win
 dataloader = OmegaConf.create()
 dataloader.test = dict(mapper=dict(augmentations=[L(T.ResizeShortestEdge)(short_edge_length=128, max_size=160)]))
 '''
-
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-infer = _load_tool("infer")
-plot_metrics = _load_tool("plot_metrics")
 
 
 @pytest.fixture(scope="module")
