@@ -21,6 +21,10 @@ setup(
         "pycocotools>=2.0.2",
         "numpy",
         "einops>=0.6",
+        # detectron2 needs these at run time: fvcore's CropTransform crops polygons with
+        # shapely (every COCO config crops); cv2 draws (Visualizer), rotates and reads EXIF.
+        "shapely>=2.0,<3",
+        "opencv-python-headless>=4.5,<5",
         "omegaconf>=2.1",
         "hydra-core>=1.1",
         "matplotlib",

@@ -14,15 +14,14 @@ from detectron2.config import instantiate
 
 import lazyconfig_train_net as launcher
 from models.checkpoint import SafeDetectionCheckpointer
-from test_launcher import TINY, write_toy_coco
 
-pytest.importorskip("models.mimdet", reason="MIMDetBackbone not written yet")
+TINY = "configs/test/tiny_mimdet.py"
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_coco_writer):
     root = tmp_path_factory.mktemp("toy_bad")
-    json_file = write_toy_coco(root)
+    json_file = toy_coco_writer(root)
     return root, [
         f"datasets.register=[{{name:toy_bad,json_file:'{json_file}',image_root:'{root / 'images'}'}}]",
         "dataloader.train.dataset.names=toy_bad",

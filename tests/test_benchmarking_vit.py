@@ -1,7 +1,5 @@
 """Benchmarking-ViT backbone (models/benchmarking_vit.py): shapes, released names, attention
 pattern against a naive reference, gradients and input errors. Tiny widths except one build of ViT-B."""
-import ast
-from pathlib import Path
 
 import models  # noqa: F401  (detectron2 compatibility layer first)
 import pytest
@@ -12,7 +10,6 @@ from models.benchmarking_vit import BenchmarkingViT, relative_position_index
 from models.optim import no_decay_parameter_names
 from models.pos_embed import sincos_table_mocov3
 
-TSV = Path("/work/shared/interop/benchmarking_vit_b.tsv")
 PREFIX = "backbone.bottom_up."
 TINY = dict(img_size=128, patch_size=16, embed_dim=64, depth=6, num_heads=4, drop_path_rate=0.0,
             window_size=4, global_every=3)  # 8x8 tokens, 2x2 windows of 4x4 tokens, blocks 2 and 5 global
@@ -41,14 +38,14 @@ def test_output_shapes_strides_and_channels():
     assert list(subset(torch.randn(1, 3, 64, 64))) == ["s2", "s3"] and list(subset.output_shape()) == ["s2", "s3"]
 
 
-def test_vit_b_state_dict_matches_released_checkpoint():
-    rows = [line.rstrip("\n").split("\t") for line in TSV.read_text().splitlines(True) if line.startswith(PREFIX)]
-    expected = {name[len(PREFIX):]: (shape, dtype) for name, shape, dtype in rows}
+def test_vit_b_state_dict_matches_released_checkpoint(interop):
+    expected = {name[len(PREFIX):]: entry for name, entry in interop("benchmarking_vit_b.tsv").entries.items()
+                if name.startswith(PREFIX)}
     model = BenchmarkingViT()  # the seed's defaults: ViT-B, 1024x1024
     state = model.state_dict()
-    got = {name: (str(tuple(t.shape)), str(t.dtype).replace("torch.", "")) for name, t in state.items()}
+    got = {name: (tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in state.items()}
     assert got == expected
-    numel = sum(torch.Size(ast.literal_eval(shape)).numel() for shape, _ in expected.values())
+    numel = sum(torch.Size(shape).numel() for shape, _ in expected.values())
     assert sum(t.numel() for t in state.values()) == numel
     assert model.global_blocks == {2, 5, 8, 11} and model.feature_blocks == [2, 5, 8, 11]
     assert model.blocks[0].drop_path1.__class__.__name__ == "Identity"

@@ -13,6 +13,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from models.benchmarking_vit import BenchmarkingViT
 from models.checkpoint import (
     SafeDetectionCheckpointer,
     load_checkpoint_file,
@@ -21,9 +22,9 @@ from models.checkpoint import (
     load_mae_weights,
     save_checkpoint_atomic,
 )
+from models.mimdet import MIMDetBackbone
 from models.pos_embed import resize_pos_table
 
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
 TINY = dict(embed_dim=64, depth=2, decoder_dim=32, decoder_depth=8)
 
 
@@ -120,14 +121,10 @@ class Evil:
 
 
 @pytest.mark.parametrize("size", ["b", "l"])
-def test_mae_generator_matches_interop_tsv(size):
-    tsv = INTEROP / f"mae_pretrain_vit_{size}_full.tsv"
-    if not tsv.exists():
-        pytest.skip(f"{tsv} not present (the shared interop tables sit beside the clone)")
-    expected = {line.split("\t")[0]: line.split("\t")[1] for line in tsv.read_text().splitlines()
-                if line and not line.startswith("#")}
+def test_mae_generator_matches_released_checkpoint(size, interop):
+    expected = interop(f"mae_pretrain_vit_{size}_full.tsv").shapes()
     dims = dict(embed_dim=768, depth=12) if size == "b" else dict(embed_dim=1024, depth=24)
-    generated = {name: str(tuple(shape)) for name, shape in mae_shapes(**dims).items()}
+    generated = {name: tuple(shape) for name, shape in mae_shapes(**dims).items()}
     assert generated == expected
 
 
@@ -352,11 +349,10 @@ def test_pickled_module_is_refused(tmp_path):
 
 
 def test_real_mimdet_backbone_takes_mae_weights():
-    """The project's MIMDet backbone at toy widths (skipped until models/mimdet.py exists)."""
-    mimdet = pytest.importorskip("models.mimdet")
+    """The project's MIMDet backbone at toy widths."""
     state = mae_state_dict(**TINY)
     for fill_mode in ("mask_token", "conv_feature"):
-        backbone = mimdet.MIMDetBackbone(
+        backbone = MIMDetBackbone(
             img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, drop_path_rate=0.0,
             norm_eps=1e-5, decoder_embed_dim=32, decoder_depth=4, decoder_num_heads=4, sample_ratio=0.5,
             fill_mode=fill_mode, checkpoint_stem=False, checkpoint_encoder=False, checkpoint_decoder=False,
@@ -369,9 +365,8 @@ def test_real_mimdet_backbone_takes_mae_weights():
 
 
 def test_real_benchmarking_vit_takes_mae_weights():
-    """The project's Benchmarking ViT at toy widths (skipped until models/benchmarking_vit.py exists)."""
-    benchmarking = pytest.importorskip("models.benchmarking_vit")
-    vit = benchmarking.BenchmarkingViT(
+    """The project's Benchmarking ViT at toy widths."""
+    vit = BenchmarkingViT(
         img_size=128, patch_size=16, embed_dim=64, depth=8, num_heads=4, mlp_ratio=4.0, drop_path_rate=0.0,
         norm_eps=1e-6, window_size=4, global_every=2, use_act_checkpoint=False, out_features=["s0", "s1", "s2", "s3"])
     state = mae_state_dict(**dict(TINY, depth=8))

@@ -3,11 +3,8 @@
 Full-size models are built (a second or two each); forward/backward passes run on two small
 generated images with fewer RoIs, so the suite stays within CPU minutes.
 """
-import importlib.util
 import math
-import sys
 from pathlib import Path
-from typing import Dict, Tuple
 
 import models  # noqa: F401  (before detectron2)
 import pytest
@@ -16,17 +13,10 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
+from lazyconfig_train_net import apply_overrides
 from models.optim import count_parameters
 
-pytest.importorskip("models.mimdet", reason="MIMDetBackbone not written yet")
-needs_benchmarking_vit = pytest.mark.skipif(
-    importlib.util.find_spec("models.benchmarking_vit") is None, reason="BenchmarkingViT not written yet"
-)
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the launcher is a script at the repository root
-from lazyconfig_train_net import apply_overrides  # noqa: E402
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
 MIMDET = "configs/mimdet/mimdet_vit_{}_mask_rcnn_fpn_sr_{}_800_1333_4xdec_{}coco_3x{}.py"
 BENCH = "configs/benchmarking/benchmarking_mask_rcnn_base_FPN_{}ep_LSJ_mae.py"
 VIT_B_05, VIT_B_025 = MIMDET.format("base", "0p5", "", ""), MIMDET.format("base", "0p25", "", "")
@@ -35,27 +25,19 @@ VIT_B_CONV = MIMDET.format("base", "0p5", "convfill_", "")
 VIT_L, VIT_L_CONV = MIMDET.format("large", "0p5", "", ""), MIMDET.format("large", "0p5", "convfill_", "")
 BENCHMARKING = [BENCH.format(e) for e in (25, 50, 100)]
 MIMDET_CONFIGS = [VIT_B_05, VIT_B_025, VIT_B_025_BS16, VIT_B_CONV, VIT_L, VIT_L_CONV]
-ALL_CONFIGS = MIMDET_CONFIGS + [pytest.param(c, marks=needs_benchmarking_vit) for c in BENCHMARKING]
+ALL_CONFIGS = MIMDET_CONFIGS + BENCHMARKING
 
-# (config, interop tsv or None, whole-detector parameter count of SPEC §6)
+# (config, released checkpoint's table or None, whole-detector parameter count)
 FULL_SIZE = [
     (VIT_B_05, "mimdet_vit_b_maskfill_grid50.tsv", 127_561_552),
     (VIT_B_CONV, "mimdet_vit_b_convfill_grid50.tsv", 127_954_768),
     (VIT_L, None, 348_807_792),
-    pytest.param(BENCHMARKING[2], "benchmarking_vit_b.tsv", 118_674_184, marks=needs_benchmarking_vit),
+    (BENCHMARKING[2], "benchmarking_vit_b.tsv", 118_674_184),
 ]
 
 
 def load(config: str, *overrides: str):
     return apply_overrides(LazyConfig.load(str(REPO / config)), list(overrides))
-
-
-def read_tsv(name: str) -> Dict[str, Tuple[int, ...]]:
-    path = INTEROP / name
-    if not path.exists():
-        pytest.skip(f"interop table {path} absent")
-    rows = [line.rstrip("\n").split("\t") for line in path.read_text().splitlines() if not line.startswith("#")]
-    return {name: tuple(eval(shape)) for name, shape, _ in rows}
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS)
@@ -97,7 +79,6 @@ def test_3x_schedule(config, batch, lr, iters_per_epoch):
     assert lr_at(cfg, 33 * iters_per_epoch) == pytest.approx(0.01)
 
 
-@needs_benchmarking_vit
 @pytest.mark.parametrize("epochs, max_iter", [(25, 46093), (50, 92187), (100, 184375)])
 def test_benchmarking_schedule(epochs, max_iter):
     cfg = load(BENCH.format(epochs))
@@ -110,11 +91,11 @@ def test_benchmarking_schedule(epochs, max_iter):
 
 
 @pytest.mark.parametrize("config, tsv, count", FULL_SIZE, ids=["vit_b", "vit_b_convfill", "vit_l", "benchmarking"])
-def test_full_size_parameters_and_names(config, tsv, count):
+def test_full_size_parameters_and_names(config, tsv, count, interop):
     model = instantiate(load(config).model)
     assert count_parameters(model) == count
     if tsv is not None:
-        expected = read_tsv(tsv)
+        expected = interop(tsv).shapes()
         actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert sorted(actual) == sorted(expected)
         assert actual == expected
@@ -165,7 +146,6 @@ def test_vit_l_forward():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-@needs_benchmarking_vit
 def test_benchmarking_trains_shrunk_and_maps_back_with_one_scale():
     shrink = ("model.backbone.bottom_up.img_size=128", "model.backbone.bottom_up.window_size=4",
               "model.backbone.bottom_up.depth=3", "model.backbone.bottom_up.global_every=3")
@@ -234,7 +214,6 @@ def test_mimdet_parameter_groups(config, m):
     assert grouped == trainable and "backbone.bottom_up.encoder.pos_embed" not in grouped
 
 
-@needs_benchmarking_vit
 def test_benchmarking_parameter_groups():
     cfg = load(BENCHMARKING[2])
     model = instantiate(cfg.model)

@@ -14,17 +14,17 @@ from pathlib import Path
 import models  # noqa: F401  (before detectron2)
 import pytest
 
-from test_launcher import REPO, TINY, write_toy_coco
 
-pytest.importorskip("models.mimdet", reason="MIMDetBackbone not written yet")
+REPO = Path(__file__).resolve().parents[1]
+TINY = "configs/test/tiny_mimdet.py"
 
 ITERATIONS = 3
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_coco_writer):
     root = tmp_path_factory.mktemp("toy_ddp")
-    json_file = write_toy_coco(root)
+    json_file = toy_coco_writer(root)
     return [
         f"datasets.register=[{{name:toy,json_file:'{json_file}',image_root:'{root / 'images'}'}}]",
         "dataloader.train.dataset.names=toy",

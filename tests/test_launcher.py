@@ -5,7 +5,6 @@ AP; plus the launcher's errors, and released-format checkpoints loading without 
 """
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,48 +13,18 @@ import models  # noqa: F401  (before detectron2)
 import pytest
 import torch
 from detectron2.config import LazyConfig, instantiate
-from PIL import Image, ImageDraw
 
 from models.checkpoint import SafeDetectionCheckpointer
 
-pytest.importorskip("models.mimdet", reason="MIMDetBackbone not written yet")
-
 REPO = Path(__file__).resolve().parents[1]
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
 TINY = "configs/test/tiny_mimdet.py"
 VIT_B = "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py"
-COLOURS = {1: (220, 40, 40), 2: (40, 60, 220)}
-
-
-def write_toy_coco(root: Path, num_images: int = 8, size: int = 128) -> Path:
-    """8 grey 128x128 images with 1-3 red or blue rectangles each; polygon masks; 2 classes."""
-    rng = random.Random(0)
-    (root / "images").mkdir(parents=True)
-    images, annotations = [], []
-    for image_id in range(1, num_images + 1):
-        image = Image.new("RGB", (size, size), (90, 90, 90))
-        draw = ImageDraw.Draw(image)
-        for _ in range(rng.randint(1, 3)):
-            category = rng.choice(list(COLOURS))
-            w, h = rng.randint(24, 60), rng.randint(24, 60)
-            x, y = rng.randint(0, size - w - 1), rng.randint(0, size - h - 1)
-            draw.rectangle([x, y, x + w - 1, y + h - 1], fill=COLOURS[category])
-            polygon = [x, y, x + w, y, x + w, y + h, x, y + h]
-            annotations.append(dict(id=len(annotations) + 1, image_id=image_id, category_id=category,
-                                    bbox=[x, y, w, h], area=w * h, iscrowd=0, segmentation=[polygon]))
-        file_name = f"{image_id:03d}.png"
-        image.save(root / "images" / file_name)
-        images.append(dict(id=image_id, file_name=file_name, width=size, height=size))
-    categories = [dict(id=1, name="red"), dict(id=2, name="blue")]
-    json_file = root / "toy.json"
-    json_file.write_text(json.dumps(dict(images=images, annotations=annotations, categories=categories)))
-    return json_file
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_coco_writer):
     root = tmp_path_factory.mktemp("toy_coco")
-    json_file = write_toy_coco(root)
+    json_file = toy_coco_writer(root)
     overrides = [
         f"datasets.register=[{{name:toy,json_file:'{json_file}',image_root:'{root / 'images'}'}}]",
         "dataloader.train.dataset.names=toy",
@@ -130,19 +99,8 @@ def test_unknown_override_key_is_named(toy):
     assert result.returncode != 0 and "unknown config key 'train.max_iters'" in result.stderr
 
 
-def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path):
-    table = INTEROP / "mimdet_vit_b_maskfill_grid50.tsv"
-    if not table.exists():
-        pytest.skip(f"{table} absent")
-    generator = torch.Generator().manual_seed(0)
-    released = {}
-    for line in table.read_text().splitlines():
-        if line.startswith("#"):
-            continue
-        name, shape, dtype = line.split("\t")
-        shape = tuple(eval(shape))
-        released[name] = (torch.randint(0, 9, shape, generator=generator) if dtype == "int64"
-                          else torch.randn(shape, generator=generator))
+def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path, interop, random_weights):
+    released = random_weights(interop("mimdet_vit_b_maskfill_grid50.tsv"))
     path = tmp_path / "mimdet_vit_base_released.pth"
     torch.save({"model": released}, path)
 

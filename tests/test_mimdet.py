@@ -1,6 +1,5 @@
 """MIMDetBackbone: outputs, released state-dict names, parameter counts, sample ratios, errors."""
 import math
-from pathlib import Path
 
 import models  # noqa: F401  (before detectron2)
 import pytest
@@ -12,11 +11,10 @@ from detectron2.structures import ImageList
 from models.encoder import sample_tokens
 from models.mimdet import MIMDetBackbone
 
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
 TINY = dict(img_size=128, embed_dim=64, depth=2, num_heads=4, drop_path_rate=0.0, decoder_embed_dim=32,
             decoder_depth=2, decoder_num_heads=4)
 VIT_L = dict(embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.4)
-# Whole ViT-L detector with 50x50 tables (SPEC §6), and its non-backbone part relative to ViT-B's:
+# Whole ViT-L detector with 50x50 tables, and its non-backbone part relative to ViT-B's:
 # only FPN's lateral 1x1 convs differ (c2/c3 inputs 256/512 instead of 192/384, 256 outputs, no bias).
 VIT_L_DETECTOR_PARAMS = 348_807_792
 VIT_L_EXTRA_LATERAL_PARAMS = 256 * ((256 - 192) + (512 - 384))
@@ -26,18 +24,6 @@ def _two_images(height: int = 200, width: int = 300) -> ImageList:
     torch.manual_seed(0)
     images = [torch.randn(3, height, width), torch.randn(3, height * 3 // 4, width + 30)]
     return ImageList.from_tensors(images, size_divisibility=32)
-
-
-def _interop_rows(name: str):
-    """{name: shape} of the ``backbone.bottom_up.`` entries, prefix stripped; and the file's total."""
-    rows, total = {}, None
-    for line in (INTEROP / name).read_text().splitlines():
-        if line.startswith("#"):
-            total = int(line.rsplit(":", 1)[1])
-        elif line.startswith("backbone.bottom_up."):
-            key, shape, _ = line.split("\t")
-            rows[key[len("backbone.bottom_up."):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return rows, total
 
 
 @pytest.mark.parametrize("dims, channels", [({}, [192, 384, 512, 512]), (VIT_L, [256, 512, 512, 512])])
@@ -59,19 +45,21 @@ def test_c2_to_c5_shapes_for_vit_b_and_vit_l_widths(dims, channels):
 
 @pytest.mark.parametrize("fill_mode, tsv", [("mask_token", "mimdet_vit_b_maskfill_grid50.tsv"),
                                             ("conv_feature", "mimdet_vit_b_convfill_grid50.tsv")])
-def test_vit_b_state_dict_matches_released_checkpoint(fill_mode, tsv):
-    expected, detector_total = _interop_rows(tsv)
+def test_vit_b_state_dict_matches_released_checkpoint(fill_mode, tsv, interop):
+    table = interop(tsv)
+    expected, detector_total = table.shapes("backbone.bottom_up."), table.total
     with torch.device("meta"):  # names and shapes only: no need to initialise 100M weights
         backbone = MIMDetBackbone(img_size=800, fill_mode=fill_mode)
     state = {name: tuple(t.shape) for name, t in backbone.state_dict().items()}
     assert state == expected
     numel = sum(math.prod(shape) for shape in state.values())
     assert numel == sum(math.prod(shape) for shape in expected.values())
-    assert detector_total in (127_561_552, 127_954_768)  # SPEC §6, whole detector
+    assert detector_total == {"mask_token": 127_561_552, "conv_feature": 127_954_768}[fill_mode]  # whole detector
 
 
-def test_vit_l_parameter_count_matches_the_spec():
-    vit_b, vit_b_total = _interop_rows("mimdet_vit_b_maskfill_grid50.tsv")
+def test_vit_l_parameter_count_matches_the_spec(interop):
+    table = interop("mimdet_vit_b_maskfill_grid50.tsv")
+    vit_b, vit_b_total = table.shapes("backbone.bottom_up."), table.total
     vit_b_rest = vit_b_total - sum(math.prod(shape) for shape in vit_b.values())  # FPN and heads of ViT-B
     with torch.device("meta"):
         backbone = MIMDetBackbone(img_size=800, **VIT_L)
