@@ -6,18 +6,34 @@ registers them with detectron2's ``register_coco_instances`` before building any
 ``dataloader.train.dataset.names=my_train`` just works. Builtin names (``coco_2017_train``,
 ``coco_2017_val``, ...) need no entry: detectron2 registers them under
 ``$DETECTRON2_DATASETS`` (default ``./datasets``).
+
+Training annotations are checked once, before training, so that no image can stop a run
+mid-way: degenerate boxes and polygons are dropped with one counting warning, and
+non-crowd masks stored as RLE become polygons (detectron2's polygon-format mapper and
+fvcore's crop take only polygons). :class:`InstanceDatasetMapper` is detectron2's
+``DatasetMapper`` that drops, with a counted warning, any annotation its transforms still
+cannot handle.
 """
 import logging
 import math
 import os
-from typing import Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import cv2
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import detection_utils as utils
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
+from pycocotools import mask as mask_util
 
-__all__ = ["register_coco_datasets", "thing_classes", "check_dataset_files", "drop_degenerate_annotations"]
+__all__ = [
+    "register_coco_datasets",
+    "thing_classes",
+    "check_dataset_files",
+    "drop_degenerate_annotations",
+    "InstanceDatasetMapper",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +132,49 @@ def _polygon_problem(polygon: Sequence[float]) -> Optional[str]:
     return None if area > 0 else "polygon has no area"
 
 
+def rle_to_polygons(segmentation: Mapping) -> List[List[float]]:
+    """Polygons (``[x0, y0, x1, y1, ...]``, pixel-corner coordinates) of an RLE mask's outer
+    contours, each of 3 or more points; ``[]`` for an empty mask."""
+    rle = segmentation
+    if isinstance(rle.get("counts"), list):  # uncompressed RLE
+        rle = mask_util.frPyObjects(rle, *rle["size"])
+    mask = np.ascontiguousarray(mask_util.decode(rle), dtype=np.uint8)
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    # findContours returns pixel indices; in COCO's continuous coordinates pixel i spans
+    # [i, i + 1], so +0.5 puts each point at its pixel's centre.
+    return [(c.reshape(-1, 2).astype(np.float64) + 0.5).reshape(-1).tolist() for c in contours if len(c) >= 3]
+
+
+def _clean_annotation(annotation: dict) -> Tuple[Optional[dict], Optional[str]]:
+    """(the annotation to train on, None) or (None, why it is dropped)."""
+    problem = _box_problem(annotation)
+    if problem is not None:
+        return None, problem
+    segmentation = annotation.get("segmentation")
+    if isinstance(segmentation, Mapping) and not annotation.get("iscrowd", 0):
+        segmentation = rle_to_polygons(segmentation)
+        annotation = {**annotation, "segmentation": segmentation}
+        if not segmentation:
+            return None, "RLE mask is empty"
+    if isinstance(segmentation, list):
+        problems = [_polygon_problem(p) for p in segmentation]
+        if not segmentation or all(problems):
+            return None, problems[0] if problems else "segmentation has no polygon"
+        if any(problems):
+            annotation = {**annotation, "segmentation": [p for p, bad in zip(segmentation, problems) if not bad]}
+    return annotation, None
+
+
 def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
     """Training records without degenerate annotations, with one warning that counts them.
 
     An annotation is dropped if its box is not finite or has no area; a polygon is dropped
-    if it has fewer than 3 points or no area, and the annotation with it if none is left.
-    An image all of whose annotations were dropped is dropped too. Raises ValueError if no
-    image is left.
+    if it has fewer than 3 points or no area, and the annotation with it if none is left
+    (a self-intersecting polygon stays: fvcore's crop repairs it with ``buffer(0)``). A non-crowd RLE mask becomes
+    polygons (its outer contours). An image all of whose annotations were dropped is dropped
+    too. Raises ValueError if no image is left. The input records are not modified.
     """
-    kept, dropped, emptied, example, total = [], 0, 0, None, 0
+    kept, dropped, emptied, converted, example, total = [], 0, 0, 0, None, 0
     for record in records:
         annotations = record.get("annotations")
         if annotations is None:
@@ -133,23 +183,20 @@ def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
         clean = []
         for annotation in annotations:
             total += 1
-            problem = _box_problem(annotation)
-            segmentation = annotation.get("segmentation")
-            if problem is None and isinstance(segmentation, list):
-                problems = [_polygon_problem(p) for p in segmentation]
-                if all(problems):
-                    problem = problems[0]
-                elif any(problems):
-                    annotation = {**annotation, "segmentation": [p for p, bad in zip(segmentation, problems) if not bad]}
-            if problem is None:
-                clean.append(annotation)
+            cleaned, problem = _clean_annotation(annotation)
+            converted += isinstance(annotation.get("segmentation"), Mapping) and not annotation.get("iscrowd", 0)
+            if cleaned is not None:
+                clean.append(cleaned)
                 continue
             dropped += 1
             example = example or f"{record.get('file_name')}, annotation {annotation.get('id', '?')}: {problem}"
         if annotations and not clean:
             emptied += 1
             continue
-        kept.append({**record, "annotations": clean} if len(clean) != len(annotations) else record)
+        unchanged = len(clean) == len(annotations) and all(a is b for a, b in zip(clean, annotations))
+        kept.append(record if unchanged else {**record, "annotations": clean})
+    if converted:
+        logger.info("Converted %d non-crowd RLE masks to polygons (their outer contours)", converted)
     if dropped:
         logger.warning("Dropped %d of %d training annotations with degenerate boxes or polygons (e.g. %s)%s",
                        dropped, total, example,
@@ -157,3 +204,47 @@ def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
     if records and not kept:
         raise ValueError(f"no training image is left: all {total} annotations are degenerate (e.g. {example})")
     return kept
+
+
+class InstanceDatasetMapper(DatasetMapper):
+    """detectron2's ``DatasetMapper`` that drops an annotation its transforms fail on.
+
+    detectron2 transforms all annotations of an image in one go, so one annotation that a
+    transform cannot handle (a polygon shapely cannot crop, say) would stop training. Here
+    each is transformed on its own; a failure drops that annotation, counts it in
+    ``self.failed`` and logs a warning (the first, then every 100th). Everything else is
+    detectron2's mapper unchanged.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.failed = 0
+
+    def _transform_annotations(self, dataset_dict: dict, transforms, image_shape) -> None:
+        kept = []
+        for annotation in dataset_dict.pop("annotations"):
+            if annotation.get("iscrowd", 0):
+                continue
+            annotation = dict(annotation)
+            if not self.use_instance_mask:
+                annotation.pop("segmentation", None)
+            if not self.use_keypoint:
+                annotation.pop("keypoints", None)
+            if isinstance(annotation.get("segmentation"), list):
+                # fvcore's ResizeTransform scales coordinates in place: integer polygons (as
+                # many COCO-format files store them) would be truncated, up to a pixel off
+                # their box.
+                annotation["segmentation"] = [np.asarray(p, dtype=np.float64) for p in annotation["segmentation"]]
+            try:
+                kept.append(utils.transform_instance_annotations(
+                    annotation, transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices))
+            except Exception as e:  # noqa: BLE001  (any failure of one annotation must not stop training)
+                self.failed += 1
+                if self.failed == 1 or self.failed % 100 == 0:
+                    logger.warning("Dropped annotation %s of %s: its transform failed (%s: %s); %d dropped so far",
+                                   annotation.get("id", "?"), dataset_dict.get("file_name"), type(e).__name__, e,
+                                   self.failed)
+        instances = utils.annotations_to_instances(kept, image_shape, mask_format=self.instance_mask_format)
+        if self.recompute_boxes:  # as detectron2's mapper: boxes from the (cropped) masks
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)

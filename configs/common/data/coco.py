@@ -11,13 +11,14 @@ from detectron2.data import DatasetMapper, build_detection_test_loader, get_dete
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
+from models.data import InstanceDatasetMapper
 from models.resumable_data import build_resumable_train_loader
 
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_resumable_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
-    mapper=L(DatasetMapper)(
+    mapper=L(InstanceDatasetMapper)(
         is_train=True,
         augmentations=[
             L(T.RandomFlip)(horizontal=True),

@@ -1,0 +1,184 @@
+"""Every seed config's own train and test mappers, augmentations untouched, on the COCO-quirks
+set (tests/conftest.py: category ids 1/7/90, a two-part object, arches a crop cuts in two,
+crowd RLE, a self-intersecting polygon, grayscale / RGBA / EXIF-rotated images, an image
+without annotations), drawn often enough, seeded, that the random crops really happen.
+"""
+import copy
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import BoxMode, PolygonMasks
+from fvcore.transforms.transform import CropTransform
+
+from models.data import InstanceDatasetMapper, drop_degenerate_annotations
+
+REPO = Path(__file__).resolve().parents[1]
+MIMDET = [f"configs/mimdet/mimdet_vit_{v}_mask_rcnn_fpn_sr_{r}_800_1333_4xdec_{f}coco_3x{b}.py"
+          for v, r, f, b in [("base", "0p25", "", ""), ("base", "0p25", "", "_bs16"), ("base", "0p5", "", ""),
+                             ("base", "0p5", "convfill_", ""), ("large", "0p5", "", ""),
+                             ("large", "0p5", "convfill_", "")]]
+BENCHMARKING = [f"configs/benchmarking/benchmarking_mask_rcnn_base_FPN_{e}ep_LSJ_mae.py" for e in (25, 50, 100)]
+DRAWS = 20  # per training image and config: 120 draws, about 60 random crops at p=0.5
+ARCH = 2  # contiguous class of category id 90 (ids 1, 7, 90 -> 0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def quirks(coco_quirks):
+    json_file, image_root = coco_quirks
+    if "quirks_pipeline" not in DatasetCatalog.list():
+        register_coco_instances("quirks_pipeline", {}, str(json_file), str(image_root))
+    return DatasetCatalog.get("quirks_pipeline")
+
+
+def test_the_set_has_the_traits_of_real_coco(quirks):
+    metadata = MetadataCatalog.get("quirks_pipeline")
+    assert metadata.thing_dataset_id_to_contiguous_id == {1: 0, 7: 1, 90: 2}
+    annotations = [a for record in quirks for a in record["annotations"]]
+    assert sum(a["iscrowd"] == 1 and isinstance(a["segmentation"], dict) for a in annotations) == 2
+    assert any(len(a["segmentation"]) == 2 for a in annotations if not a["iscrowd"])
+    assert [len(r["annotations"]) for r in quirks].count(0) == 1
+    assert {r["height"] > r["width"] for r in quirks} == {True, False}
+
+
+def _mask_box(polygons) -> np.ndarray:
+    xy = np.concatenate([p.reshape(-1, 2) for p in polygons])
+    return np.concatenate([xy.min(0), xy.max(0)])
+
+
+def _draw_all(mapper, records, draws: int):
+    """Map each record ``draws`` times; return (outputs, transforms) with each output's transforms."""
+    augmentations, used = mapper.augmentations, []
+
+    def recording(aug_input):
+        transforms = augmentations(aug_input)
+        used.append(transforms)
+        return transforms
+
+    mapper.augmentations = recording
+    outputs = [mapper(copy.deepcopy(record)) for _ in range(draws) for record in records]
+    return outputs, used
+
+
+@pytest.mark.parametrize("config", MIMDET + BENCHMARKING, ids=lambda c: Path(c).stem)
+def test_train_mapper_keeps_boxes_masks_and_images_consistent(config, quirks):
+    cfg = LazyConfig.load(str(REPO / config))
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    assert isinstance(mapper, InstanceDatasetMapper)
+    records = drop_degenerate_annotations([r for r in quirks if r["annotations"]])  # what the loader trains on
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    outputs, used = _draw_all(mapper, records, DRAWS)
+
+    counts = Counter()
+    for record, out, transforms in zip(records * DRAWS, outputs, used):
+        image, instances = out["image"], out["instances"]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        assert tuple(image.shape[1:]) == instances.image_size
+        h, w = instances.image_size
+        cropped = any(isinstance(t, CropTransform) for t in transforms)
+        counts["crop"] += cropped
+        boxes = instances.gt_boxes.tensor.numpy()
+        assert len(instances) <= sum(not a["iscrowd"] for a in record["annotations"])  # no crowd region trains
+        assert set(instances.gt_classes.tolist()) <= {0, 1, 2}
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes >= -1e-3).all() and (boxes[:, 2] <= w + 1e-3).all() and (boxes[:, 3] <= h + 1e-3).all()
+        assert isinstance(instances.gt_masks, PolygonMasks) and len(instances.gt_masks) == len(instances)
+        for box, polygons, label in zip(boxes, instances.gt_masks.polygons, instances.gt_classes.tolist()):
+            counts["instances"] += 1
+            if not polygons:  # the crop kept part of the box but none of the outline
+                counts["no polygon left"] += 1
+                assert cropped
+                continue
+            mask_box = _mask_box(polygons)
+            assert (mask_box[:2] >= box[:2] - 1e-3).all() and (mask_box[2:] <= box[2:] + 1e-3).all()  # inside
+            if not cropped:  # flips and resizes move box and outline alike
+                np.testing.assert_allclose(mask_box, box, atol=1e-3)
+            if label == ARCH and len(polygons) == 2:
+                counts["arch cut in two"] += 1
+    print(Path(config).stem, dict(counts), "failed annotations:", mapper.failed)
+    assert mapper.failed == 0
+    assert counts["crop"] >= (len(outputs) if "LSJ" in config else 30)  # LSJ always crops; MIMDet at p=0.5
+    assert counts["arch cut in two"] >= 1
+
+
+@pytest.mark.parametrize("config", [MIMDET[2], BENCHMARKING[0]], ids=["mimdet", "benchmarking"])
+def test_test_mapper_gives_three_channels_at_the_test_size(config, quirks):
+    cfg = LazyConfig.load(str(REPO / config))
+    mapper = instantiate(cfg.dataloader.test.mapper)
+    for record in quirks:
+        out = mapper(copy.deepcopy(record))
+        image = out["image"]
+        assert image.dtype == torch.uint8 and image.shape[0] == 3 and "instances" not in out
+        h, w = image.shape[1:]
+        if "LSJ" in config:  # longest side 1024, padded to a 1024x1024 square
+            assert (h, w) == (1024, 1024)
+        else:
+            short, long = sorted((h, w))
+            assert short == 800 or long == 1333
+            assert (h > w) == (record["height"] > record["width"])  # EXIF orientation applied
+        assert (out["height"], out["width"]) == (record["height"], record["width"])
+
+
+def test_a_crop_through_the_legs_keeps_both_pieces_of_one_instance():
+    record = dict(file_name="", height=100, width=100, annotations=[dict(
+        iscrowd=0, category_id=0, bbox=[10, 10, 80, 80], bbox_mode=BoxMode.XYWH_ABS,
+        segmentation=[[10, 10, 90, 10, 90, 90, 70, 90, 70, 30, 30, 30, 30, 90, 10, 90]])])
+    mapper = InstanceDatasetMapper(is_train=True, augmentations=[], image_format="RGB", use_instance_mask=True)
+    transforms = T.TransformList([CropTransform(0, 50, 100, 50)])  # rows 50-99: only the legs
+    mapper._transform_annotations(record, transforms, (50, 100))
+    (polygons,) = record["instances"].gt_masks.polygons
+    assert len(polygons) == 2
+    assert sorted(_mask_box([p]).tolist() for p in polygons) == [[10, 0, 30, 40], [70, 0, 90, 40]]
+
+
+def test_an_annotation_the_transforms_fail_on_is_dropped_and_counted(caplog):
+    good = dict(id=1, iscrowd=0, category_id=0, bbox=[10, 10, 20, 20], bbox_mode=BoxMode.XYWH_ABS,
+                segmentation=[[10, 10, 30, 10, 30, 30, 10, 30]])
+    odd = dict(good, id=2, segmentation=[[10, 10, 30, 10, 30, 30, 10]])  # 7 coordinates: no x, y pairs
+    mapper = InstanceDatasetMapper(is_train=True, augmentations=[], image_format="RGB", use_instance_mask=True)
+    for _ in range(2):
+        record = dict(file_name="odd.png", annotations=[good, odd])
+        mapper._transform_annotations(record, T.TransformList([]), (64, 64))
+        assert record["instances"].gt_boxes.tensor.tolist() == [[10.0, 10.0, 30.0, 30.0]]
+    assert mapper.failed == 2
+    assert "Dropped annotation 2 of odd.png: its transform failed (ValueError" in caplog.text
+
+
+def test_non_crowd_rle_becomes_polygons_and_an_empty_one_is_dropped():
+    from pycocotools import mask as mask_util
+
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[5:15, 10:30] = 1  # two parts
+    mask[25:35, 40:55] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle = dict(size=rle["size"], counts=rle["counts"].decode("ascii"))
+    empty = mask_util.encode(np.asfortranarray(np.zeros((40, 60), dtype=np.uint8)))
+    crowd = dict(id=3, iscrowd=1, category_id=0, bbox=[10, 5, 20, 10], segmentation=rle)
+    records = [dict(file_name="rle.png", annotations=[
+        dict(id=1, iscrowd=0, category_id=0, bbox=[10, 5, 45, 30], segmentation=rle),
+        dict(id=2, iscrowd=0, category_id=0, bbox=[1, 1, 5, 5], segmentation=dict(size=[40, 60], counts=empty["counts"])),
+        crowd])]
+    (kept,) = drop_degenerate_annotations(records)
+    converted, kept_crowd = kept["annotations"]
+    assert kept_crowd is crowd  # crowd regions stay RLE: detectron2 leaves them out of training
+    boxes = sorted(_mask_box([np.asarray(p)]).tolist() for p in converted["segmentation"])
+    assert boxes == [[10.5, 5.5, 29.5, 14.5], [40.5, 25.5, 54.5, 34.5]]
+
+
+def test_integer_polygons_are_resized_without_truncation():
+    annotation = dict(iscrowd=0, category_id=0, bbox=[3, 3, 7, 7], bbox_mode=BoxMode.XYWH_ABS,
+                      segmentation=[[3, 3, 10, 3, 10, 10, 3, 10]])  # ints, as many COCO-format files store them
+    mapper = InstanceDatasetMapper(is_train=True, augmentations=[], image_format="RGB", use_instance_mask=True)
+    record = dict(file_name="int.png", annotations=[annotation])
+    mapper._transform_annotations(record, T.TransformList([T.ResizeTransform(20, 20, 30, 30, 2)]), (30, 30))
+    (polygons,) = record["instances"].gt_masks.polygons
+    assert polygons[0].tolist() == [4.5, 4.5, 15.0, 4.5, 15.0, 15.0, 4.5, 15.0]
+    assert record["instances"].gt_boxes.tensor.tolist() == [[4.5, 4.5, 15.0, 15.0]]
+    assert annotation["segmentation"] == [[3, 3, 10, 3, 10, 10, 3, 10]]  # the record itself is not modified
