@@ -230,10 +230,12 @@ class InstanceDatasetMapper(DatasetMapper):
                 annotation.pop("segmentation", None)
             if not self.use_keypoint:
                 annotation.pop("keypoints", None)
+            # fvcore's ResizeTransform scales coordinates in place, so integer boxes and
+            # polygons (as many COCO-format files store them) would be truncated: up to a
+            # pixel off at the output scale.
+            if "bbox" in annotation:
+                annotation["bbox"] = [float(v) for v in annotation["bbox"]]
             if isinstance(annotation.get("segmentation"), list):
-                # fvcore's ResizeTransform scales coordinates in place: integer polygons (as
-                # many COCO-format files store them) would be truncated, up to a pixel off
-                # their box.
                 annotation["segmentation"] = [np.asarray(p, dtype=np.float64) for p in annotation["segmentation"]]
             try:
                 kept.append(utils.transform_instance_annotations(

@@ -172,7 +172,7 @@ def test_non_crowd_rle_becomes_polygons_and_an_empty_one_is_dropped():
     assert boxes == [[10.5, 5.5, 29.5, 14.5], [40.5, 25.5, 54.5, 34.5]]
 
 
-def test_integer_polygons_are_resized_without_truncation():
+def test_integer_boxes_and_polygons_are_resized_without_truncation():
     annotation = dict(iscrowd=0, category_id=0, bbox=[3, 3, 7, 7], bbox_mode=BoxMode.XYWH_ABS,
                       segmentation=[[3, 3, 10, 3, 10, 10, 3, 10]])  # ints, as many COCO-format files store them
     mapper = InstanceDatasetMapper(is_train=True, augmentations=[], image_format="RGB", use_instance_mask=True)
