@@ -212,8 +212,10 @@ class InstanceDatasetMapper(DatasetMapper):
     detectron2 transforms all annotations of an image in one go, so one annotation that a
     transform cannot handle (a polygon shapely cannot crop, say) would stop training. Here
     each is transformed on its own; a failure drops that annotation, counts it in
-    ``self.failed`` and logs a warning (the first, then every 100th). Everything else is
-    detectron2's mapper unchanged.
+    ``self.failed`` and logs a warning (the first, then every 100th). Boxes and polygons are
+    made floating point first, so that resizing does not truncate integer coordinates. The
+    rest is detectron2's ``_transform_annotations``: crowd regions are left out of training,
+    instances are built, boxes follow the masks if ``recompute_boxes``, empty ones go.
     """
 
     def __init__(self, *args, **kwargs) -> None:
