@@ -181,7 +181,7 @@ def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
             kept.append(record)
             continue
         clean = []
-        for annotation in annotations:
+        for number, annotation in enumerate(annotations):
             total += 1
             cleaned, problem = _clean_annotation(annotation)
             converted += isinstance(annotation.get("segmentation"), Mapping) and not annotation.get("iscrowd", 0)
@@ -189,7 +189,8 @@ def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
                 clean.append(cleaned)
                 continue
             dropped += 1
-            example = example or f"{record.get('file_name')}, annotation {annotation.get('id', '?')}: {problem}"
+            which = f"annotation {annotation['id']}" if "id" in annotation else f"annotation #{number} of the image"
+            example = example or f"{record.get('file_name')}, {which}: {problem}"
         if annotations and not clean:
             emptied += 1
             continue

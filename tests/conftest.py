@@ -149,8 +149,9 @@ def _arch(x: float, y: float, w: float, h: float, t: float) -> List[float]:
 
 
 def _bowtie(x: float, y: float, w: float, h: float) -> List[float]:
-    """Self-intersecting: not a valid polygon, as some crowd-sourced COCO outlines are not."""
-    return [x, y, x + w, y + h, x + w, y, x, y + h]
+    """Self-intersecting (two unequal lobes): not a valid polygon, as some crowd-sourced COCO
+    outlines are not; fvcore's crop repairs it with shapely's ``buffer(0)``."""
+    return [x, y, x + w, y + h, x + w, y + 0.3 * h, x, y + h]
 
 
 def _polygon_area(polygon: List[float]) -> float:

@@ -63,7 +63,7 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs/mimdet/mimdet_vit_base_mask_rcnn_fp
 DTYPES = ("fp32", "bf16", "fp16")
 BOXES_PER_IMAGE = 8  # synthetic ground truth of the detector's training step
 MIB = 2.0 ** 20
-# The issue's targets (ViT-B backbone, forward+backward): (label, numerator cell, denominator cell, figure, bound).
+# What partial observation and bf16 should buy (ViT-B backbone, forward+backward): (label, numerator cell, denominator cell, figure, bound).
 # A speedup is denominator/numerator >= bound; the others are numerator/denominator <= bound.
 TARGETS = (
     ("bf16 speedup at sr 0.5 (fp32 / bf16 fwd+bwd time)", (0.5, "bf16"), (0.5, "fp32"), "train_s", ">=", 1.8),
@@ -397,7 +397,7 @@ def format_table(cells: Sequence[Cell], title: str = "") -> str:
 
 
 def target_lines(cells: Sequence[Cell]) -> List[str]:
-    """The issue's four targets: measured value, bound, met or not (n/a where a cell is missing)."""
+    """The four speed and memory targets: measured value, bound, met or not (n/a where a cell is missing)."""
     lines = []
     for label, (r1, d1), (r2, d2), attr, op, bound in TARGETS:
         first, second = _find(cells, r1, d1), _find(cells, r2, d2)
