@@ -33,7 +33,7 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
-from models.checkpoint import SafeDetectionCheckpointer, load_mae_weights
+from models.checkpoint import SCRATCH, SafeDetectionCheckpointer, load_mae_weights
 from models.data import check_dataset_files, register_coco_datasets, thing_classes
 from models.engine import MixedPrecisionTrainer, resolve_amp_dtype
 from models.launch import launch
@@ -93,6 +93,25 @@ def load_config(config_file: str, overrides: List[str]):
         raise FileNotFoundError(f"config file not found: {config_file!r} (see configs/ for the available ones)")
     cfg = LazyConfig.load(config_file)
     return apply_overrides(cfg, overrides)
+
+
+def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: bool = False) -> None:
+    """Refuse to train from random weights by accident.
+
+    The COCO configs reach the paper's numbers only from MAE weights; a run that forgets
+    ``mae_checkpoint.path`` would spend days of GPU time in vain. So training with it unset is
+    an error naming the file the config needs, unless other weights are loaded (``--resume``,
+    ``train.init_checkpoint``) or nothing is trained (``--eval-only``).
+    ``mae_checkpoint.path=scratch`` starts from random weights on purpose.
+    """
+    mae = cfg.get("mae_checkpoint", None)
+    if mae is None or mae.get("path", None) or resume or eval_only or cfg.train.get("init_checkpoint", ""):
+        return
+    needs = mae.get("needs", None) or "an MAE pre-training checkpoint"
+    raise ValueError(
+        f"mae_checkpoint.path is not set: {config_file} trains from {needs}. Pass "
+        f"mae_checkpoint.path=/path/to/it, or mae_checkpoint.path={SCRATCH} to train from random weights "
+        f"on purpose (far below the paper's AP).")
 
 
 def amp_dtype(cfg, evaluation: bool = False) -> Optional[torch.dtype]:
@@ -234,6 +253,7 @@ def run_seed(seed: int) -> int:
 
 def main(args) -> Optional[dict]:
     cfg = load_config(args.config_file, args.opts)
+    check_start_weights(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="models", abbrev_name="mimdet")
     if args.num_cpu_processes and cfg.train.device != "cpu":
@@ -276,7 +296,8 @@ def cli(argv: Optional[List[str]] = None) -> None:
     if args.num_cpu_processes < 0:
         raise SystemExit(f"--num-cpu-processes must be >= 0, got {args.num_cpu_processes}")
     resolve_dist_url(args, parser)
-    load_config(args.config_file, args.opts)  # bad files and overrides fail here, before any process starts
+    cfg = load_config(args.config_file, args.opts)  # bad files and overrides fail here, before any process starts
+    check_start_weights(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
 

@@ -10,7 +10,7 @@ Output features (the FPN's ``in_features``): ``s0``, ``s1``, ``s2``, ``s3``, str
 32 (for 16x16 patches), ``embed_dim`` channels each.
 """
 from functools import partial
-from typing import Dict, Iterable, Tuple, Union
+from typing import Dict, Iterable, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from detectron2.structures import ImageList
 from einops import rearrange
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, lecun_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -26,12 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from .pos_embed import resize_pos_table, sincos_table_mocov3
 
 __all__ = ["BenchmarkingViT", "RelativePositionBias", "relative_position_index", "window_partition",
-           "window_unpartition", "NO_WEIGHT_DECAY_KEYWORDS"]
+           "window_unpartition"]
 
 FEATURE_NAMES = ("s0", "s1", "s2", "s3")
 ADAPTOR_NORM_GROUPS = 32  # GroupNorm(32, C) of the stride-4 adaptor, as in the released checkpoint
-# Name fragments of parameters that take no weight decay besides biases and norms (SPEC §5).
-NO_WEIGHT_DECAY_KEYWORDS = ("pos_embed", "relative_position_bias_table")
 
 
 def relative_position_index(size: int) -> torch.Tensor:
@@ -176,6 +174,10 @@ class BenchmarkingViT(Backbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        for module in self.ms_adaptor.modules():  # as the original: LeCun-normal kernels, zero biases
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                lecun_normal_(module.weight)
+                nn.init.zeros_(module.bias)
         weight = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))  # as MAE: a linear map of the patch
         for module in self.blocks.modules():
@@ -197,11 +199,6 @@ class BenchmarkingViT(Backbone):
             name: ShapeSpec(channels=self._out_feature_channels[name], stride=self._out_feature_strides[name])
             for name in self._out_features
         }
-
-    @staticmethod
-    def no_weight_decay_keywords() -> Tuple[str, ...]:
-        """Name fragments of parameters to exempt from weight decay (besides biases and norms)."""
-        return NO_WEIGHT_DECAY_KEYWORDS
 
     def _check_input(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:

@@ -26,12 +26,13 @@ from .pos_embed import resize_pos_table
 __all__ = [
     "LoadReport", "load_checkpoint_file", "save_checkpoint_atomic", "write_atomic", "summarize_names",
     "load_mae_into_mimdet", "load_mae_into_benchmarking_vit", "load_mae_weights",
-    "resize_pos_tables", "check_same_architecture", "SafeDetectionCheckpointer",
+    "resize_pos_tables", "check_same_architecture", "SafeDetectionCheckpointer", "SCRATCH",
 ]
 
 logger = logging.getLogger(__name__)
 
 PathOrState = Union[str, os.PathLike, Mapping[str, Any]]
+SCRATCH = "scratch"  # mae_checkpoint.path that starts from random weights on purpose
 _SAFE_GLOBALS = [argparse.Namespace]
 _ALLOWED_GLOBAL_NAMES = {"argparse.Namespace"}
 _TENSOR_GLOBALS = ("torch.", "collections.OrderedDict")  # what torch's legacy format needs for tensors
@@ -269,7 +270,14 @@ def load_mae_into_benchmarking_vit(backbone: nn.Module, path_or_state: PathOrSta
 
 
 def load_mae_weights(model: nn.Module, path: Optional[PathOrState]) -> Optional[LoadReport]:
-    """Load ``mae_checkpoint.path`` into a detector's ``backbone.bottom_up`` (or a bare backbone)."""
+    """Load ``mae_checkpoint.path`` into a detector's ``backbone.bottom_up`` (or a bare backbone).
+
+    ``SCRATCH`` ("scratch") keeps the random initialisation on purpose; None or "" too, with a
+    warning (the launcher refuses that for training unless other weights are loaded).
+    """
+    if isinstance(path, str) and path == SCRATCH:
+        logger.info("mae_checkpoint.path=%s: the backbone starts from random weights", SCRATCH)
+        return None
     if not path:
         logger.warning("no MAE checkpoint: backbone starts from random weights")
         return None

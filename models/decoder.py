@@ -95,10 +95,11 @@ class MAEDecoderCompletion(nn.Module):
         if ids_restore is not None:
             num_kept = latent.shape[1]
             stem_tokens = stem_map.flatten(2).transpose(1, 2)  # (B, L, D), image order
-            fill = self.fill_tokens(stem_tokens, ids_shuffle[:, num_kept:]).to(x.dtype)
-            x = torch.cat([x, fill], dim=1)  # (B, L, C), draw order
+            fill = self.fill_tokens(stem_tokens, ids_shuffle[:, num_kept:])
+            x = torch.cat([x, fill], dim=1)  # (B, L, C), draw order; promoted to the wider dtype
             x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # image order
-        x = x + self.pos_table((grid_h, grid_w), x.dtype)
+        # The fp32 table keeps the residual stream, and so c4, in fp32 under autocast (as the original).
+        x = x + self.pos_table((grid_h, grid_w))
         use_checkpoint = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.decoder_blocks:
             x = activation_checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)

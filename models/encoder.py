@@ -126,11 +126,16 @@ class PartialObservationEncoder(nn.Module):
         return self._pos_tables(self.pos_embed, self.table_grid, grid, 1, dtype)
 
     def embed(self, images: torch.Tensor) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
-        """Stem maps (stride 4, 8, 16) and the position-encoded tokens (B, L, D) in image order."""
+        """Stem maps (stride 4, 8, 16) and the position-encoded tokens (B, L, D) in image order.
+
+        The fp32 table is added as it is: under autocast the stem's bf16/fp16 tokens become
+        fp32, so the residual stream stays fp32 and only the blocks' matmuls run in low
+        precision, as in the original code.
+        """
         stem_maps = self.patch_embed(images)
         grid = tuple(stem_maps[2].shape[-2:])
         tokens = stem_maps[2].flatten(2).transpose(1, 2)  # (B, L, D), row-major
-        return stem_maps, tokens + self.pos_table(grid, tokens.dtype)
+        return stem_maps, tokens + self.pos_table(grid)
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT blocks and the final norm on (B, N, D) tokens."""

@@ -2,18 +2,17 @@
 
 MIMDet trains three parts at three speeds: the MAE-pretrained ViT encoder slowest
 (``base_lr / m``), the randomly initialised ConvStem at ``base_lr``, and everything else
-(the MAE decoder, FPN and heads) fastest (``base_lr * m``). Benchmarking-ViT uses one
-learning rate. In both, biases, 1-D parameters and norm weights get no weight decay, and
-parameters that do not train (``requires_grad=False``: fixed position tables) are left out.
+(the MAE decoder, FPN and heads) fastest (``base_lr * m``); biases, 1-D parameters and norm
+weights get no weight decay, and parameters that do not train (``requires_grad=False``: the
+fixed position tables) are left out. Benchmarking-ViT's groups are detectron2's
+``get_default_optimizer_params`` (configs/common/optim.py).
 """
 import logging
 from typing import Callable, Dict, Iterable, List, Set, Tuple
 
 from torch import nn
 
-__all__ = [
-    "mimdet_param_groups", "benchmarking_param_groups", "no_decay_parameter_names", "count_parameters"
-]
+__all__ = ["mimdet_param_groups", "no_decay_parameter_names", "count_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def mimdet_param_groups(
     *,
     base_lr: float,
     weight_decay: float,
-    lr_multiplier: float,
+    multiplier: float,
     weight_decay_norm: float = 0.0,
     encoder_prefix: str = "backbone.bottom_up.encoder.",
     stem_prefix: str = "backbone.bottom_up.encoder.patch_embed.",
@@ -80,7 +79,8 @@ def mimdet_param_groups(
         model: the detector (before DDP wrapping, so names carry no "module." prefix).
         base_lr: the optimizer's base learning rate.
         weight_decay: decay of weight matrices and conv kernels.
-        lr_multiplier: m (2.0 for ViT-B, 3.5 for ViT-L); must be positive.
+        multiplier: m (2.0 for ViT-B and ViT-L in the original configs); must be positive.
+            The original code's argument name, so ``optimizer.params.multiplier=...`` works as there.
         weight_decay_norm: decay of norm-layer weights (biases and 1-D params get 0).
         encoder_prefix, stem_prefix: parameter-name prefixes of the ViT encoder and of
             its ConvStem (the stem sits inside the encoder, so it is matched first).
@@ -89,11 +89,11 @@ def mimdet_param_groups(
         a list of dicts for ``torch.optim`` (``params``, ``lr``, ``weight_decay``, and
         ``param_names`` for inspection).
     """
-    if lr_multiplier <= 0:
-        raise ValueError(f"lr_multiplier must be > 0, got {lr_multiplier}")
+    if not multiplier > 0:
+        raise ValueError(f"multiplier must be > 0, got {multiplier}")
     no_decay = no_decay_parameter_names(model)
     norm_names = _norm_parameter_names(model)
-    lr_of_part = {"stem": base_lr, "encoder": base_lr / lr_multiplier, "others": base_lr * lr_multiplier}
+    lr_of_part = {"stem": base_lr, "encoder": base_lr / multiplier, "others": base_lr * multiplier}
 
     def key_of(name: str) -> Tuple[str, float]:
         if name.startswith(stem_prefix):
@@ -116,31 +116,6 @@ def mimdet_param_groups(
     return groups
 
 
-def benchmarking_param_groups(
-    model: nn.Module,
-    *,
-    weight_decay: float,
-    no_decay_keys: Iterable[str] = ("pos_embed", "relative_position_bias_table"),
-) -> List[Dict]:
-    """Benchmarking-ViT's groups: one learning rate (the optimizer's), two weight decays.
-
-    Args:
-        model: the detector.
-        weight_decay: decay of weight matrices and conv kernels.
-        no_decay_keys: name fragments of other parameters that take no decay (position
-            tables, relative-position bias tables).
-    """
-    no_decay = no_decay_parameter_names(model, no_decay_keys)
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = _group(
-        trainable,
-        lambda name: 0.0 if name in no_decay else weight_decay,
-        lambda decay: {"weight_decay": decay},
-    )
-    _log_groups(groups)
-    return groups
-
-
 def _log_groups(groups: List[Dict]) -> None:
     for group in groups:
         count = sum(p.numel() for p in group["params"])
@@ -151,6 +126,6 @@ def _log_groups(groups: List[Dict]) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """All parameters, trainable and frozen (the count SPEC §6 and the seed table quote)."""
+    """All parameters, trainable and frozen (the count the MIMDet README's model table quotes)."""
     return sum(p.numel() for p in model.parameters())
 

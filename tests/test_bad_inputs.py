@@ -107,3 +107,39 @@ def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_sto
     strict = launcher.load_config(TINY, [*overrides, "dataloader.train.skip_unreadable=False"])
     with pytest.raises(OSError, match=r"00[25]\.png"):
         list(itertools.islice(iter(launcher.build_train_loader(strict, seed=0, start_iter=0)), 4))
+
+
+SEED_CONFIGS = {  # config -> the MAE file its error names
+    "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py": "mae_pretrain_vit_base_full.pth",
+    "configs/mimdet/mimdet_vit_large_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py": "mae_pretrain_vit_large_full.pth",
+    "configs/benchmarking/benchmarking_mask_rcnn_base_FPN_25ep_LSJ_mae.py": "mae_pretrain_vit_base.pth",
+}
+
+
+@pytest.mark.parametrize("config", list(SEED_CONFIGS), ids=["vit_b", "vit_l", "benchmarking"])
+def test_training_a_seed_config_without_mae_weights_is_an_error(config):
+    with pytest.raises(ValueError, match=r"mae_checkpoint.path is not set: .*" + SEED_CONFIGS[config].replace(".", r"\.")
+                       + r".*mae_checkpoint.path=scratch"):
+        launcher.cli(["--config-file", config])
+
+
+@pytest.mark.parametrize("argv", [["--resume"], ["--eval-only"], ["train.init_checkpoint=model.pth"],
+                                  ["mae_checkpoint.path=scratch"], ["mae_checkpoint.path=mae.pth"]],
+                         ids=["resume", "eval_only", "init_checkpoint", "scratch", "given"])
+def test_the_mae_check_lets_other_starts_through(argv):
+    config = next(iter(SEED_CONFIGS))
+    args = launcher.build_parser().parse_args(["--config-file", config, *argv])
+    cfg = launcher.load_config(config, args.opts)
+    launcher.check_start_weights(cfg, config, resume=args.resume, eval_only=args.eval_only)  # no error
+
+
+def test_demo_and_test_configs_start_from_scratch_on_purpose(caplog):
+    from models.checkpoint import load_mae_weights
+
+    for config in (TINY, "configs/demo/mimdet_shapes.py"):
+        cfg = launcher.load_config(config, [])
+        assert cfg.mae_checkpoint.path == "scratch"
+        launcher.check_start_weights(cfg, config)
+    with caplog.at_level(logging.INFO, logger="models.checkpoint"):
+        assert load_mae_weights(torch.nn.Linear(2, 2), "scratch") is None
+    assert "mae_checkpoint.path=scratch: the backbone starts from random weights" in caplog.text

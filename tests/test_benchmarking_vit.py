@@ -4,10 +4,10 @@ pattern against a naive reference, gradients and input errors. Tiny widths excep
 import models  # noqa: F401  (detectron2 compatibility layer first)
 import pytest
 import torch
+from torch import nn
 from detectron2.structures import ImageList
 
 from models.benchmarking_vit import BenchmarkingViT, relative_position_index
-from models.optim import no_decay_parameter_names
 from models.pos_embed import sincos_table_mocov3
 
 PREFIX = "backbone.bottom_up."
@@ -150,13 +150,20 @@ def test_pos_embed_is_a_trainable_mocov3_table():
     assert torch.equal(model.pos_embed, sincos_table_mocov3(64, 8, 8).unsqueeze(0))
 
 
-def test_no_weight_decay_names():
-    model = tiny()
-    no_decay = no_decay_parameter_names(model, model.no_weight_decay_keywords())
-    assert {"pos_embed", "windowed_rel_pos_bias.relative_position_bias_table",
-            "global_rel_pos_bias.relative_position_bias_table", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
-            "ms_adaptor.0.1.weight", "patch_embed.proj.bias"} <= no_decay
-    assert not {"blocks.0.attn.qkv.weight", "ms_adaptor.0.0.weight", "patch_embed.proj.weight"} & no_decay
+def test_adaptor_kernels_are_lecun_normal_with_zero_biases():
+    """As the original: truncated normal kernels of variance 1 / fan_in, zero biases."""
+    model = BenchmarkingViT(**dict(TINY, embed_dim=128))
+    convs = [m for m in model.ms_adaptor.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert len(convs) == 3
+    for conv in convs:
+        weight = conv.weight.detach()
+        fan_in = weight.shape[1] * weight[0, 0].numel()  # torch's fan-in of a (in, out, k, k) kernel: out * k * k
+        assert fan_in == 512
+        assert weight.std().item() == pytest.approx(512 ** -0.5, rel=0.04)
+        assert weight.abs().max().item() <= 2 * 512 ** -0.5 / 0.87962566103423978 + 1e-6  # cut at 2 sigma
+        assert not conv.bias.any()
+    norm = model.ms_adaptor[0][1]
+    assert torch.equal(norm.weight, torch.ones(128)) and not norm.bias.any()
 
 
 def test_bad_inputs_are_refused():

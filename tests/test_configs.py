@@ -31,7 +31,7 @@ ALL_CONFIGS = MIMDET_CONFIGS + BENCHMARKING
 FULL_SIZE = [
     (VIT_B_05, "mimdet_vit_b_maskfill_grid50.tsv", 127_561_552),
     (VIT_B_CONV, "mimdet_vit_b_convfill_grid50.tsv", 127_954_768),
-    (VIT_L, None, 348_807_792),
+    (VIT_L, None, 345_268_848),  # 14x14 position tables, as the original ViT-L
     (BENCHMARKING[2], "benchmarking_vit_b.tsv", 118_674_184),
 ]
 
@@ -56,7 +56,6 @@ def test_mimdet_seed_deltas():
     assert load(VIT_B_025).model.backbone.bottom_up.sample_ratio == 0.25
     bottom_up = load(VIT_L).model.backbone.bottom_up
     assert (bottom_up.embed_dim, bottom_up.depth, bottom_up.num_heads, bottom_up.drop_path_rate) == (1024, 24, 16, 0.4)
-    assert load(VIT_L).optimizer.params.lr_multiplier == 3.5
     assert load(VIT_B_CONV).model.backbone.bottom_up.fill_mode == "conv_feature"
     assert load(VIT_L_CONV).model.backbone.bottom_up.fill_mode == "conv_feature"
     assert load(VIT_B_05).model.backbone.bottom_up.img_size == 800
@@ -181,50 +180,69 @@ def test_overrides_apply_and_reject_bad_input():
         load(VIT_B_05, "train.max_iter")
 
 
-def group_of(optimizer, name: str) -> dict:
-    for group in optimizer.param_groups:
-        if name in group["param_names"]:
-            return group
-    raise KeyError(f"{name} is in no parameter group")
-
-
-@pytest.mark.parametrize("config, m", [(VIT_B_05, 2.0), (VIT_L, 3.5)], ids=["vit_b", "vit_l"])
-def test_mimdet_parameter_groups(config, m):
-    cfg = load(config)
+def built_optimizer(config: str, *overrides: str):
+    """(model, optimizer) as the launcher builds them, and {parameter name: its group}."""
+    cfg = load(config, *overrides)
     model = instantiate(cfg.model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    base = cfg.optimizer.lr
-    expect = {  # name: (lr, weight decay)
-        "backbone.bottom_up.encoder.blocks.0.attn.qkv.weight": (base / m, 0.1),
-        "backbone.bottom_up.encoder.blocks.0.norm1.weight": (base / m, 0.0),
-        "backbone.bottom_up.encoder.patch_embed.proj.0.0.weight": (base, 0.1),
-        "backbone.bottom_up.encoder.patch_embed.proj.0.1.weight": (base, 0.0),
-        "backbone.bottom_up.decoder.decoder_blocks.0.mlp.fc1.weight": (base * m, 0.1),
-        "backbone.fpn_lateral2.weight": (base * m, 0.1),
-        "backbone.fpn_lateral2.norm.weight": (base * m, 0.0),
-        "roi_heads.box_head.fc1.bias": (base * m, 0.0),
-        "proposal_generator.rpn_head.conv.conv0.weight": (base * m, 0.1),
-    }
-    for name, (lr, decay) in expect.items():
-        group = group_of(optimizer, name)
-        assert (group["lr"], group["weight_decay"]) == (pytest.approx(lr), decay), name
-    grouped = {n for g in optimizer.param_groups for n in g["param_names"]}
+    group_of_param = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    groups = {name: group_of_param[id(p)] for name, p in model.named_parameters() if id(p) in group_of_param}
+    return model, optimizer, groups
+
+
+# lr and weight decay per parameter at batch 64, as the original configs build them: encoder
+# base/2, stem base, decoder, FPN and heads base*2 (m = 2.0 for ViT-B and ViT-L alike).
+MIMDET_GROUPS = {
+    "backbone.bottom_up.encoder.blocks.0.attn.qkv.weight": (4e-5, 0.1),
+    "backbone.bottom_up.encoder.blocks.0.attn.qkv.bias": (4e-5, 0.0),
+    "backbone.bottom_up.encoder.blocks.0.norm1.weight": (4e-5, 0.0),
+    "backbone.bottom_up.encoder.patch_embed.proj.0.0.weight": (8e-5, 0.1),
+    "backbone.bottom_up.encoder.patch_embed.proj.0.1.weight": (8e-5, 0.0),
+    "backbone.bottom_up.decoder.decoder_blocks.0.mlp.fc1.weight": (1.6e-4, 0.1),
+    "backbone.fpn_lateral2.weight": (1.6e-4, 0.1),
+    "backbone.fpn_lateral2.norm.weight": (1.6e-4, 0.0),
+    "roi_heads.box_head.fc1.bias": (1.6e-4, 0.0),
+    "proposal_generator.rpn_head.conv.conv0.weight": (1.6e-4, 0.1),
+}
+
+
+@pytest.mark.parametrize("config", [VIT_B_05, VIT_L], ids=["vit_b", "vit_l"])
+def test_mimdet_parameter_groups(config):
+    model, _, groups = built_optimizer(config)
+    for name, (lr, decay) in MIMDET_GROUPS.items():
+        assert (groups[name]["lr"], groups[name]["weight_decay"]) == (pytest.approx(lr), decay), name
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert grouped == trainable and "backbone.bottom_up.encoder.pos_embed" not in grouped
+    assert set(groups) == trainable and "backbone.bottom_up.encoder.pos_embed" not in groups
+
+
+def test_the_original_multiplier_key_sets_the_three_learning_rates():
+    _, _, groups = built_optimizer(VIT_B_05, "optimizer.params.multiplier=4.0")
+    lrs = [groups[f"backbone.bottom_up.{name}"]["lr"] for name in
+           ("encoder.blocks.0.attn.qkv.weight", "encoder.patch_embed.proj.0.0.weight", "decoder.decoder_embed.weight")]
+    assert lrs == [pytest.approx(2e-5), pytest.approx(8e-5), pytest.approx(3.2e-4)]
 
 
 def test_benchmarking_parameter_groups():
-    cfg = load(BENCHMARKING[2])
-    model = instantiate(cfg.model)
-    cfg.optimizer.params.model = model
-    optimizer = instantiate(cfg.optimizer)
-    assert {g["lr"] for g in optimizer.param_groups} == {8e-5}
-    no_decay = ["backbone.bottom_up.pos_embed", "backbone.bottom_up.windowed_rel_pos_bias.relative_position_bias_table",
-                "backbone.bottom_up.blocks.0.norm1.weight", "backbone.bottom_up.blocks.0.attn.qkv.bias"]
-    for name in no_decay:
-        assert group_of(optimizer, name)["weight_decay"] == 0.0, name
-    assert group_of(optimizer, "backbone.bottom_up.blocks.0.attn.qkv.weight")["weight_decay"] == 0.1
+    """detectron2 0.6's default groups, as the original: biases decay, norms and tables do not."""
+    _, optimizer, groups = built_optimizer(BENCHMARKING[2])
+    assert {g.get("lr", optimizer.defaults["lr"]) for g in optimizer.param_groups} == {8e-5}
+    expect = {
+        "backbone.bottom_up.pos_embed": 0.0,
+        "backbone.bottom_up.windowed_rel_pos_bias.relative_position_bias_table": 0.0,
+        "backbone.bottom_up.global_rel_pos_bias.relative_position_bias_table": 0.0,
+        "backbone.bottom_up.blocks.0.norm1.weight": 0.0,
+        "backbone.bottom_up.blocks.0.norm1.bias": 0.0,
+        "backbone.bottom_up.ms_adaptor.0.1.weight": 0.0,  # GroupNorm
+        "backbone.fpn_lateral2.norm.weight": 0.0,
+        "backbone.bottom_up.blocks.0.attn.qkv.weight": 0.1,
+        "backbone.bottom_up.blocks.0.attn.qkv.bias": 0.1,
+        "backbone.bottom_up.patch_embed.proj.bias": 0.1,
+        "backbone.bottom_up.ms_adaptor.0.0.bias": 0.1,
+        "roi_heads.box_predictor.cls_score.bias": 0.1,
+    }
+    for name, decay in expect.items():
+        assert groups[name].get("weight_decay", optimizer.defaults["weight_decay"]) == decay, name
 
 
 def test_lsj_postprocess_uses_one_scale_for_both_axes():

@@ -112,29 +112,34 @@ def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path, 
     assert mismatched == []
 
 
-def test_amp_settings_resolve_per_device_and_evaluation_follows_training():
+def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked():
     import lazyconfig_train_net as launcher
 
-    def dtypes(*overrides):
-        cfg = launcher.load_config(TINY, ["train.device=cpu", *overrides])
+    def dtypes(config, *overrides):
+        cfg = launcher.load_config(config, ["train.device=cpu", *overrides])
         return launcher.amp_dtype(cfg), launcher.amp_dtype(cfg, evaluation=True)
 
-    assert dtypes() == (None, None)
-    assert dtypes("train.amp.enabled=True") == (torch.bfloat16, torch.bfloat16)
-    assert dtypes("train.amp.enabled=True", "train.amp.eval=False") == (torch.bfloat16, None)
-    assert dtypes("train.amp.eval=True", "train.amp.dtype=bf16") == (None, torch.bfloat16)
+    assert dtypes(VIT_B) == (torch.bfloat16, None)  # the seed configs: autocast in training only
+    assert dtypes(TINY) == (None, None)
+    assert dtypes(TINY, "train.amp.enabled=True") == (torch.bfloat16, None)
+    assert dtypes(TINY, "train.amp.enabled=True", "train.amp.eval=True") == (torch.bfloat16, torch.bfloat16)
+    assert dtypes(TINY, "train.amp.eval=True", "train.amp.dtype=bf16") == (None, torch.bfloat16)
 
 
-def test_evaluation_runs_under_autocast_when_amp_is_on(toy):
+@pytest.mark.parametrize("eval_autocast, dtype", [(None, torch.float32), (True, torch.bfloat16)],
+                         ids=["default_fp32", "explicit_autocast"])
+def test_evaluation_precision(toy, eval_autocast, dtype):
+    """Training under autocast evaluates in fp32, as the original; train.amp.eval=True opts in."""
     import lazyconfig_train_net as launcher
 
     _, overrides = toy
-    cfg = launcher.load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True",
+    chosen = [] if eval_autocast is None else [f"train.amp.eval={eval_autocast}"]
+    cfg = launcher.load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True", *chosen,
                                       "model.roi_heads.box_predictor.test_topk_per_image=5"])
     launcher.prepare(cfg, eval_only=True)
     model = launcher.build_model(cfg)
     seen = []
     model.roi_heads.box_predictor.register_forward_hook(lambda module, inputs, out: seen.append(out[0].dtype))
     results = launcher.do_test(cfg, model)
-    assert seen == [torch.bfloat16] * 8  # fp32 evaluation (train.amp.eval=False) is the path of every other test
+    assert seen == [dtype] * 8
     assert {"bbox", "segm"} <= set(results)

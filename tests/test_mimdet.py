@@ -14,9 +14,10 @@ from models.mimdet import MIMDetBackbone
 TINY = dict(img_size=128, embed_dim=64, depth=2, num_heads=4, drop_path_rate=0.0, decoder_embed_dim=32,
             decoder_depth=2, decoder_num_heads=4)
 VIT_L = dict(embed_dim=1024, depth=24, num_heads=16, drop_path_rate=0.4)
-# Whole ViT-L detector with 50x50 tables, and its non-backbone part relative to ViT-B's:
-# only FPN's lateral 1x1 convs differ (c2/c3 inputs 256/512 instead of 192/384, 256 outputs, no bias).
-VIT_L_DETECTOR_PARAMS = 348_807_792
+# Whole ViT-L detector with 14x14 tables (img_size 224), the original's 345.27M, and its
+# non-backbone part relative to ViT-B's: only FPN's lateral 1x1 convs differ (c2/c3 inputs
+# 256/512 instead of 192/384, 256 outputs, no bias).
+VIT_L_DETECTOR_PARAMS = 345_268_848
 VIT_L_EXTRA_LATERAL_PARAMS = 256 * ((256 - 192) + (512 - 384))
 
 
@@ -62,7 +63,7 @@ def test_vit_l_parameter_count_matches_the_spec(interop):
     vit_b, vit_b_total = table.shapes("backbone.bottom_up."), table.total
     vit_b_rest = vit_b_total - sum(math.prod(shape) for shape in vit_b.values())  # FPN and heads of ViT-B
     with torch.device("meta"):
-        backbone = MIMDetBackbone(img_size=800, **VIT_L)
+        backbone = MIMDetBackbone(img_size=224, **VIT_L)
     numel = sum(t.numel() for t in backbone.state_dict().values())
     assert numel == VIT_L_DETECTOR_PARAMS - vit_b_rest - VIT_L_EXTRA_LATERAL_PARAMS
     assert backbone.encoder.blocks[23].drop_path1.drop_prob == pytest.approx(0.4)
@@ -187,3 +188,26 @@ def test_ratio_set_later_is_checked_too():
     backbone = MIMDetBackbone(**TINY)
     with pytest.raises(ValueError, match=r"sample_ratio must be a number in \(0, 1\], got 2"):
         backbone.sample_ratio = 2
+
+
+@pytest.mark.parametrize("fill_mode", ["mask_token", "conv_feature"])
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_residual_stream_and_c4_stay_fp32_under_autocast(fill_mode, ratio):
+    """As the original: the fp32 position tables keep the tokens in fp32; only matmuls (and the
+    stem's convolutions) run in bf16."""
+    backbone = MIMDetBackbone(**TINY, fill_mode=fill_mode, sample_ratio=ratio)
+    seen = {}
+
+    def record(key: str, tensor: torch.Tensor) -> None:  # hooks must return None
+        seen.setdefault(key, tensor.dtype)
+
+    for name, block in [("encoder", backbone.encoder.blocks[-1]), ("decoder", backbone.decoder.decoder_blocks[0])]:
+        block.register_forward_pre_hook(lambda module, args, name=name: record(f"{name} in", args[0]))
+        block.register_forward_hook(lambda module, args, out, name=name: record(f"{name} out", out))
+    backbone.encoder.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: record("qkv", out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = backbone(_two_images(96, 128))
+    assert seen == {"encoder in": torch.float32, "encoder out": torch.float32, "decoder in": torch.float32,
+                    "decoder out": torch.float32, "qkv": torch.bfloat16}
+    assert {name: f.dtype for name, f in features.items()} == {
+        "c2": torch.bfloat16, "c3": torch.bfloat16, "c4": torch.float32, "c5": torch.float32}

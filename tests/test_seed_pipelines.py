@@ -182,3 +182,17 @@ def test_integer_boxes_and_polygons_are_resized_without_truncation():
     assert polygons[0].tolist() == [4.5, 4.5, 15.0, 4.5, 15.0, 15.0, 4.5, 15.0]
     assert record["instances"].gt_boxes.tensor.tolist() == [[4.5, 4.5, 15.0, 15.0]]
     assert annotation["segmentation"] == [[3, 3, 10, 3, 10, 10, 3, 10]]  # the record itself is not modified
+
+
+def test_a_cropped_instance_keeps_its_annotated_box():
+    """The original's mapper does not recompute boxes from masks: a crop clips the annotated
+    box. The triangle's outline inside the crop is lower than its clipped box."""
+    cfg = LazyConfig.load(str(REPO / MIMDET[2]))
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    record = dict(file_name="triangle.png", annotations=[dict(
+        iscrowd=0, category_id=0, bbox=[0, 0, 60, 60], bbox_mode=BoxMode.XYWH_ABS,
+        segmentation=[[0, 0, 60, 0, 0, 60]])])
+    mapper._transform_annotations(record, T.TransformList([CropTransform(30, 0, 30, 60)]), (60, 30))
+    (polygons,) = record["instances"].gt_masks.polygons
+    assert record["instances"].gt_boxes.tensor.tolist() == [[0.0, 0.0, 30.0, 60.0]]  # the box, clipped
+    assert _mask_box(polygons).tolist() == [0.0, 0.0, 30.0, 30.0]  # what the mask alone would give

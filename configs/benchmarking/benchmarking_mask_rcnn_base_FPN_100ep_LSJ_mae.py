@@ -11,6 +11,8 @@ from ..common.models.mask_rcnn_mimdet_fpn import model
 from ..common.optim import AdamW_Benchmarking as optimizer
 from ..common.train import datasets, mae_checkpoint, train
 
+mae_checkpoint.needs = ("MAE's ViT-B encoder checkpoint, mae_pretrain_vit_base.pth "
+                        "(the full pre-training checkpoint works too: its decoder is not used)")
 model.lsj_postprocess = True
 model.backbone.bottom_up = L(BenchmarkingViT)(
     img_size=1024,

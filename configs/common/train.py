@@ -9,15 +9,15 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",  # a detectron2 checkpoint; loaded after (and over) the MAE weights
     max_iter=67500,
-    # Mixed precision. dtype: "bf16" (CPU and CUDA, no grad scaler) or "fp16" (CUDA only, with
-    # grad scaling); None: fp16 on CUDA as the seed, bf16 on CPU. eval: autocast in evaluation
-    # too (None: as enabled).
-    amp=dict(enabled=True, dtype=None, eval=None),
+    # Mixed precision of the training step. dtype: "bf16" (CPU and CUDA, no grad scaler) or
+    # "fp16" (CUDA only, with grad scaling); None: fp16 on CUDA as the original, bf16 on CPU.
+    # eval: autocast in evaluation too; False (the original's): evaluation runs in fp32.
+    amp=dict(enabled=True, dtype=None, eval=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=True),
     checkpointer=dict(period=1875, max_to_keep=100),
     eval_period=1875,
     log_period=20,
-    clip_grad_norm=None,  # max global L2 norm of the gradients; None: no clipping (as the seed)
+    clip_grad_norm=None,  # max global L2 norm of the gradients; None: no clipping (as the original)
     device="cuda",  # the launcher falls back to "cpu" when CUDA is absent
     # Data order, augmentation and token sampling derive from (seed, iteration), so --resume
     # continues a run exactly. -1: a random seed, drawn once per run and kept in its checkpoints.
@@ -32,8 +32,13 @@ lr_multiplier = L(WarmupParamScheduler)(
     warmup_factor=0.0,
 )
 
-# Full MAE pre-training checkpoint (encoder + decoder); None starts from random weights.
-mae_checkpoint = dict(path=None)
+# The MAE pre-training checkpoint the backbone starts from. Training a COCO config without
+# one is an error (unless --resume, --eval-only or train.init_checkpoint): the paper's numbers
+# need it. path="scratch" starts from random weights on purpose. ``needs`` names the file.
+mae_checkpoint = dict(
+    path=None,
+    needs="MAE's full ViT-B pre-training checkpoint (encoder + decoder), mae_pretrain_vit_base_full.pth",
+)
 
 # COCO-format datasets to register before building, e.g.
 # "datasets.register=[{name:my_train,json_file:'data/train.json',image_root:'data/images'}]" (hydra syntax)

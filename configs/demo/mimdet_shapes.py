@@ -68,6 +68,7 @@ dataloader.test.num_workers = 1
 optimizer.lr = 6e-4  # encoder 3e-4, stem 6e-4, decoder/FPN/heads 1.2e-3 (lr_multiplier 2)
 optimizer.weight_decay = 0.05
 
+mae_checkpoint.path = "scratch"  # the demo trains from random weights
 train.max_iter = 1500  # 6,000 images, 10 epochs of the 600 train images
 train.clip_grad_norm = 1.0  # from random weights: keeps early updates in range
 # bf16 autocast (CPU and CUDA) for training: ~1.5x faster than fp32 on an AVX512-BF16 CPU;

@@ -50,6 +50,7 @@ dataloader.train.total_batch_size = 2
 dataloader.train.num_workers = dataloader.test.num_workers = 0
 
 optimizer.lr = 1e-4
+mae_checkpoint.path = "scratch"  # random weights on purpose: no MAE checkpoint at toy widths
 train.amp.enabled = False
 train.max_iter = 4
 train.checkpointer.period = 2

@@ -39,7 +39,7 @@ dataloader.train = L(build_resumable_train_loader)(
         ],
         image_format="RGB",
         use_instance_mask=True,
-        recompute_boxes=True,  # boxes follow the masks through the crop
+        recompute_boxes=False,  # as the original: boxes are the annotation's, clipped by the crop
     ),
     total_batch_size=64,
     num_workers=4,
