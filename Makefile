@@ -22,6 +22,7 @@ $(STAMP): setup.py tools/install_detectron2.py
 	touch $(STAMP)
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 demo: setup

@@ -31,5 +31,5 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=7"]},
+    extras_require={"dev": ["pytest>=7", "ruff>=0.6,<1"]},
 )

@@ -1,4 +1,4 @@
-"""Benchmarking-ViT (Li et al. 2021, arXiv 2111.11429), the seed's baseline backbone (SPEC §5).
+"""Benchmarking-ViT (Li et al. 2021, arXiv 2111.11429), the baseline of the MIMDet paper.
 
 A plain ViT/16 at a fixed square input (1024x1024: 64x64 tokens). Blocks come in groups of
 ``global_every``: all but the last of a group attend within non-overlapping windows, the last
@@ -147,7 +147,7 @@ class BenchmarkingViT(Backbone):
         self.patch_embed = PatchEmbed(img_size=None, patch_size=patch_size, in_chans=3, embed_dim=embed_dim,
                                       flatten=False, output_fmt="NHWC", bias=True)
         table = sincos_table_mocov3(embed_dim, self.grid_size, self.grid_size)
-        self.pos_embed = nn.Parameter(table.unsqueeze(0))  # trainable (SPEC §5)
+        self.pos_embed = nn.Parameter(table.unsqueeze(0))  # trainable, as in the original
         drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = nn.ModuleList(

@@ -1,5 +1,5 @@
 """Checkpoints, safely: weights-only reads that refuse pickled code, atomic writes, MAE weights
-mapped onto the MIMDet / Benchmarking-ViT backbones by state-dict name (SPEC §7), and
+mapped onto the MIMDet / Benchmarking-ViT backbones by state-dict name (the released files' names), and
 :class:`SafeDetectionCheckpointer`, detectron2's checkpointer with all of that plus resizing
 of fixed position tables to the model's grid. The launcher calls :func:`load_mae_weights`
 with ``mae_checkpoint.path``, then ``SafeDetectionCheckpointer`` with ``train.init_checkpoint``.
@@ -261,7 +261,7 @@ def load_mae_into_mimdet(backbone: nn.Module, path_or_state: PathOrState) -> Loa
 def load_mae_into_benchmarking_vit(backbone: nn.Module, path_or_state: PathOrState) -> LoadReport:
     """Load a full MAE checkpoint's blocks and 16x16 patch embedding into a Benchmarking ViT.
 
-    MAE's position table is not used: the Benchmarking ViT keeps its MoCo-v3 table (SPEC §5).
+    MAE's position table is not used: the Benchmarking ViT keeps its MoCo-v3 table, as in the original.
     """
     def source_of(name: str) -> Optional[str]:
         return name if name.startswith(("blocks.", "patch_embed.proj.")) else None

@@ -104,7 +104,8 @@ def check_dataset_files(names: Union[str, Sequence[str]]) -> None:
             raise KeyError(f"dataset '{name}' is not registered; add it to datasets.register or use a builtin name")
         metadata = MetadataCatalog.get(name)
         json_file, image_root = metadata.get("json_file", None), metadata.get("image_root", None)
-        where = f" (builtin datasets live under $DETECTRON2_DATASETS={os.environ.get('DETECTRON2_DATASETS', 'datasets')})"
+        root = os.environ.get("DETECTRON2_DATASETS", "datasets")
+        where = f" (builtin datasets live under $DETECTRON2_DATASETS={root})"
         if json_file and not os.path.isfile(json_file):
             raise FileNotFoundError(f"dataset '{name}': annotation file {json_file} does not exist{where}")
         if image_root and not os.path.isdir(image_root):

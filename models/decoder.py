@@ -21,7 +21,7 @@ __all__ = ["MAEDecoderCompletion", "FILL_MODES"]
 
 logger = logging.getLogger(__name__)
 
-# mask_token: MAE's learned mask token (MIMDet v1, the seed's); conv_feature: a projection of
+# mask_token: MAE's learned mask token (MIMDet v1, the released configs'); conv_feature: a projection of
 # the stem's stride-16 features at the dropped positions (MIMDet v2).
 FILL_MODES = ("mask_token", "conv_feature")
 

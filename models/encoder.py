@@ -1,6 +1,6 @@
 """MIMDet's encoder: the MAE ViT run on a random subset of the conv stem's tokens.
 
-Partial observation (SPEC §2): of the L tokens of the padded batch each image keeps
+Partial observation (the MIMDet paper): of the L tokens of the padded batch each image keeps
 ``int(L * sample_ratio)``, drawn uniformly from its real (non-padding) tokens first. The
 kept tokens go through the ViT blocks; the decoder later puts them back in image order.
 """

@@ -1,4 +1,4 @@
-"""The MIMDet backbone (SPEC §2): conv stem + partially observing MAE encoder + MAE decoder,
+"""The MIMDet backbone (Fang et al. 2022, arXiv 2204.02964): conv stem + partially observing MAE encoder + MAE decoder,
 as a detectron2 ``Backbone`` giving c2..c5 to an FPN (as its ``bottom_up``).
 """
 import logging

@@ -1,6 +1,6 @@
 """SyncBN for CPU processes.
 
-The seed configs normalise the FPN with ``norm="SyncBN"``, which detectron2 builds as
+The COCO configs normalise the FPN with ``norm="SyncBN"``, which detectron2 builds as
 ``torch.nn.SyncBatchNorm``; that one syncs only CUDA tensors. detectron2's
 ``NaiveSyncBatchNorm`` syncs through ``all_reduce``, which gloo provides, and computes the
 same statistics (the mean and mean square over all processes' batches).

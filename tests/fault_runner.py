@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import models  # noqa: E402,F401  (before detectron2)
-import torch  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.events import get_event_storage  # noqa: E402
 

@@ -41,7 +41,7 @@ def test_output_shapes_strides_and_channels():
 def test_vit_b_state_dict_matches_released_checkpoint(interop):
     expected = {name[len(PREFIX):]: entry for name, entry in interop("benchmarking_vit_b.tsv").entries.items()
                 if name.startswith(PREFIX)}
-    model = BenchmarkingViT()  # the seed's defaults: ViT-B, 1024x1024
+    model = BenchmarkingViT()  # the original's defaults: ViT-B, 1024x1024
     state = model.state_dict()
     got = {name: (tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in state.items()}
     assert got == expected

@@ -65,7 +65,8 @@ def lr_at(cfg, iteration: int) -> float:
     return instantiate(cfg.lr_multiplier)(iteration / cfg.train.max_iter)
 
 
-@pytest.mark.parametrize("config, batch, lr, iters_per_epoch", [(VIT_B_05, 64, 8e-5, 1875), (VIT_B_025_BS16, 16, 4e-5, 7500)])
+@pytest.mark.parametrize("config, batch, lr, iters_per_epoch",
+                         [(VIT_B_05, 64, 8e-5, 1875), (VIT_B_025_BS16, 16, 4e-5, 7500)])
 def test_3x_schedule(config, batch, lr, iters_per_epoch):
     cfg = load(config)
     assert cfg.optimizer.lr == pytest.approx(lr) and cfg.optimizer.weight_decay == 0.1

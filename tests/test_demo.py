@@ -36,7 +36,7 @@ def test_demo_trains_evaluates_and_draws(demo_run):
     assert (run / "model_final.pth").is_file()
     # The AP table: a header and one row per task with six numbers.
     lines = result.stdout.splitlines()
-    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| bbox") or line.startswith("| segm")}
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith(("| bbox", "| segm"))}
     assert set(rows) == {"bbox", "segm"}
     assert all(len(row.strip("|").split("|")) == 7 for row in rows.values())
     for name in ("metrics.png", "predictions.png"):

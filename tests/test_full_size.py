@@ -3,7 +3,7 @@ config each train 2 iterations (batch 2, CPU, the configs' bf16 autocast) on the
 set through ``lazyconfig_train_net.py``, loading a full-size MAE checkpoint (random weights,
 MAE's names), then evaluate and print detectron2's AP tables.
 
-The seed configs' own mappers, augmentations and evaluator run untouched; only the batch,
+The configs' own mappers, augmentations and evaluator run untouched; only the batch,
 the iteration count and the output folder are overridden. About 2-3 minutes each on 2 cores.
 """
 import json

@@ -119,7 +119,7 @@ def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked():
         cfg = launcher.load_config(config, ["train.device=cpu", *overrides])
         return launcher.amp_dtype(cfg), launcher.amp_dtype(cfg, evaluation=True)
 
-    assert dtypes(VIT_B) == (torch.bfloat16, None)  # the seed configs: autocast in training only
+    assert dtypes(VIT_B) == (torch.bfloat16, None)  # the COCO configs: autocast in training only
     assert dtypes(TINY) == (None, None)
     assert dtypes(TINY, "train.amp.enabled=True") == (torch.bfloat16, None)
     assert dtypes(TINY, "train.amp.enabled=True", "train.amp.eval=True") == (torch.bfloat16, torch.bfloat16)

@@ -58,7 +58,7 @@ def test_vit_b_state_dict_matches_released_checkpoint(fill_mode, tsv, interop):
     assert detector_total == {"mask_token": 127_561_552, "conv_feature": 127_954_768}[fill_mode]  # whole detector
 
 
-def test_vit_l_parameter_count_matches_the_spec(interop):
+def test_vit_l_parameter_count_is_the_originals(interop):
     table = interop("mimdet_vit_b_maskfill_grid50.tsv")
     vit_b, vit_b_total = table.shapes("backbone.bottom_up."), table.total
     vit_b_rest = vit_b_total - sum(math.prod(shape) for shape in vit_b.values())  # FPN and heads of ViT-B
@@ -95,7 +95,7 @@ def test_train_uses_sample_ratio_and_eval_uses_eval_sample_ratio():
     backbone = MIMDetBackbone(**TINY, sample_ratio=0.25, eval_sample_ratio=0.5)
     assert _tokens_seen(backbone.train(), images) == 20
     assert _tokens_seen(backbone.eval(), images) == 40
-    backbone.eval_sample_ratio = None  # falls back to sample_ratio, as the seed's --eval-only override expects
+    backbone.eval_sample_ratio = None  # falls back to sample_ratio, as the original's --eval-only override expects
     assert _tokens_seen(backbone, images) == 20
     backbone.sample_ratio = 1.0
     assert _tokens_seen(backbone, images) == 80

@@ -163,7 +163,8 @@ def test_non_crowd_rle_becomes_polygons_and_an_empty_one_is_dropped():
     crowd = dict(id=3, iscrowd=1, category_id=0, bbox=[10, 5, 20, 10], segmentation=rle)
     records = [dict(file_name="rle.png", annotations=[
         dict(id=1, iscrowd=0, category_id=0, bbox=[10, 5, 45, 30], segmentation=rle),
-        dict(id=2, iscrowd=0, category_id=0, bbox=[1, 1, 5, 5], segmentation=dict(size=[40, 60], counts=empty["counts"])),
+        dict(id=2, iscrowd=0, category_id=0, bbox=[1, 1, 5, 5],
+             segmentation=dict(size=[40, 60], counts=empty["counts"])),
         crowd])]
     (kept,) = drop_degenerate_annotations(records)
     converted, kept_crowd = kept["annotations"]

@@ -38,7 +38,8 @@ def test_same_seed_same_bytes_other_seed_other_data(shapes, tmp_path):
     for split in ("train", "val"):
         assert _read(paths[split][0]) == _read(again[split][0])
         names = sorted(os.listdir(paths[split][1]))
-        assert names == sorted(os.listdir(again[split][1])) and len(names) == (NUM_TRAIN if split == "train" else NUM_VAL)
+        assert names == sorted(os.listdir(again[split][1]))
+        assert len(names) == (NUM_TRAIN if split == "train" else NUM_VAL)
         for name in names:
             assert _read(os.path.join(paths[split][1], name)) == _read(os.path.join(again[split][1], name))
     other = ensure_shapes(str(tmp_path / "other"), NUM_TRAIN, NUM_VAL, seed=4)

@@ -117,7 +117,8 @@ def test_infer_unreadable_image_is_named_or_skipped(setup, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image at all")
     good = os.path.join(paths["val"][1], sorted(os.listdir(paths["val"][1]))[0])
-    args = [good, str(broken), "--config-file", config_file, "--checkpoint", checkpoint, "--output", str(tmp_path / "o")]
+    args = [good, str(broken), "--config-file", config_file, "--checkpoint", checkpoint,
+            "--output", str(tmp_path / "o")]
     assert str(broken) in _exit_message(args)
     infer.main(args + ["--skip-unreadable", "--score-threshold", "0"])
     assert sorted(os.listdir(tmp_path / "o")) == ["images.json", "results.json", os.path.basename(good)]

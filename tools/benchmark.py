@@ -63,7 +63,8 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs/mimdet/mimdet_vit_base_mask_rcnn_fp
 DTYPES = ("fp32", "bf16", "fp16")
 BOXES_PER_IMAGE = 8  # synthetic ground truth of the detector's training step
 MIB = 2.0 ** 20
-# What partial observation and bf16 should buy (ViT-B backbone, forward+backward): (label, numerator cell, denominator cell, figure, bound).
+# What partial observation and bf16 should buy (ViT-B backbone, forward+backward):
+# (label, numerator cell, denominator cell, figure, bound).
 # A speedup is denominator/numerator >= bound; the others are numerator/denominator <= bound.
 TARGETS = (
     ("bf16 speedup at sr 0.5 (fp32 / bf16 fwd+bwd time)", (0.5, "bf16"), (0.5, "fp32"), "train_s", ">=", 1.8),
@@ -511,7 +512,8 @@ def main(argv=None) -> List[Cell]:
              f"warm-up")
     load_before = _load_average()
     cells = run_benchmark(args)
-    load = f"machine load (1-min load average, {os.cpu_count()} cores): {load_before} at start, {_load_average()} at end"
+    load = (f"machine load (1-min load average, {os.cpu_count()} cores): {load_before} at start, "
+            f"{_load_average()} at end")
     print("\n".join([format_table(cells, title)] + part_lines(cells) + target_lines(cells) + [load]))
     if args.png:
         write_chart(cells, args.png, title)

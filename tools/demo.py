@@ -26,7 +26,6 @@ from typing import Dict, List, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models.synthetic_shapes import ensure_shapes  # noqa: E402
@@ -37,7 +36,7 @@ logger = logging.getLogger("mimdet.demo")
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "mimdet_shapes.py")
 DATA_ROOT = os.path.join(ROOT, "datasets", "shapes")
-TARGETS = {"bbox": 40.0, "segm": 35.0}  # AP the demo is expected to reach (issue 5)
+TARGETS = {"bbox": 40.0, "segm": 35.0}  # AP the demo is expected to reach
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 

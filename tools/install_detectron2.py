@@ -16,16 +16,13 @@ Usage: python tools/install_detectron2.py [--sdist FILE] [--cache-dir DIR] [--fo
 """
 import argparse
 import base64
-import configparser
 import hashlib
 import html.parser
 import importlib.util
-import io
 import os
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.parse
 import urllib.request
 import zipfile

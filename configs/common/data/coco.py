@@ -1,4 +1,4 @@
-"""COCO loaders with MIMDet's augmentation (SPEC §4): flip; with p=0.5 a short side of
+"""COCO loaders with MIMDet's augmentation (the original configs): flip; with p=0.5 a short side of
 400/500/600 and an absolute random crop of 384..600; then a short side of 480..800 (max
 1333). Test: short side 800, max 1333. RGB, instance masks, total batch 64.
 

@@ -1,4 +1,4 @@
-"""COCO loaders with large-scale jitter (SPEC §5): scale 0.1-2.0 of 1024, a 1024x1024
+"""COCO loaders with large-scale jitter (as Benchmarking-ViT): scale 0.1-2.0 of 1024, a 1024x1024
 crop (padded when smaller), flip. Test: short side 1024 (max 1024), padded to 1024x1024 --
 the model maps predictions back with one scale factor (``lsj_postprocess``)."""
 import detectron2.data.transforms as T

@@ -1,4 +1,4 @@
-"""Mask R-CNN + FPN around the MIMDet ViT-B backbone (SPEC §2-3): the "stronger" Mask R-CNN
+"""Mask R-CNN + FPN around the MIMDet ViT-B backbone: the "stronger" Mask R-CNN
 of the MIMDet/ViTDet papers (SyncBN FPN, 2-conv RPN head, 4conv1fc box head and a mask head
 with NaiveSyncBatchNorm). Other backbones replace ``model.backbone.bottom_up``."""
 from detectron2.config import LazyCall as L
