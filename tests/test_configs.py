@@ -259,3 +259,19 @@ def test_lsj_postprocess_uses_one_scale_for_both_axes():
     assert out.pred_boxes.tensor.tolist() == [[100.0, 50.0, 600.0, 450.0]]
     assert out.pred_masks.shape == (1, 480, 640) and out.pred_masks[0, 60:440, 110:590].all()
     assert out.pred_masks.sum() == out.pred_masks[0, 50:450, 100:600].sum()  # nothing outside the box
+
+
+def test_mimdet_configs_train_on_a_subset_and_evaluate_on_every_token():
+    """The paper's protocol: a random subset of tokens in training, all of them in evaluation, so
+    two evaluations of one image agree exactly. (The tiny config inherits the ratios of the ViT-B
+    sr 0.5 config; every MIMDet config shares them from configs/common/models.)"""
+    for config in MIMDET_CONFIGS:
+        assert load(config).model.backbone.bottom_up.eval_sample_ratio == 1.0, config
+    torch.manual_seed(0)
+    backbone = instantiate(load("configs/test/tiny_mimdet.py").model.backbone.bottom_up)
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        trained = [backbone.train()(images)["c4"] for _ in range(2)]
+        evaluated = [backbone.eval()(images)["c4"] for _ in range(2)]
+    assert not torch.equal(*trained)  # half the tokens, drawn anew each time
+    assert torch.equal(*evaluated)

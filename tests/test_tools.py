@@ -1,5 +1,6 @@
 """tools/infer.py and tools/plot_metrics.py: outputs users can load, clear errors on bad inputs."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -177,3 +178,26 @@ def test_plot_metrics_bad_inputs_are_named(tmp_path):
     _write_metrics(no_loss, with_loss=False)
     with pytest.raises(ValueError, match="no loss entries"):
         plot_metrics.plot_metrics(str(no_loss), str(tmp_path / "x.png"))
+
+
+def test_infer_with_a_mimdet_config_sees_every_token_and_repeats_exactly(setup, tmp_path, caplog):
+    """The COCO configs train at sample ratio 0.5; inference uses 1.0 unless told otherwise."""
+    _, _, paths = setup
+    cfg = LazyConfig.load(os.path.join(REPO, "configs/test/tiny_mimdet.py"))
+    cfg.model.roi_heads.num_classes = len(SHAPE_CLASSES)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "mimdet.pth"
+    torch.save({"model": instantiate(cfg.model).state_dict()}, checkpoint)
+    image_root = paths["val"][1]
+    results = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        with caplog.at_level(logging.INFO):
+            infer.main([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
+                        "--checkpoint", str(checkpoint), "--output", str(out), "--score-threshold", "0"])
+        results.append((out / "results.json").read_text())
+    assert "The ViT sees 1.0 of the image tokens" in caplog.text
+    assert len(json.loads(results[0])) > 0 and results[0] == results[1]
+    message = _exit_message([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
+                             "--checkpoint", str(checkpoint), "--sample-ratio", "1.5"])
+    assert "--sample-ratio must be in (0, 1], got 1.5" in message

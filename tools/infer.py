@@ -119,8 +119,13 @@ def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
         return None, None
 
 
-def build_model(cfg, checkpoint: str, device: str, score_threshold: float) -> torch.nn.Module:
-    """The config's model with the checkpoint's weights, in eval mode; classes follow the checkpoint."""
+def build_model(cfg, checkpoint: str, device: str, score_threshold: float,
+                sample_ratio: float = 1.0) -> torch.nn.Module:
+    """The config's model with the checkpoint's weights, in eval mode; classes follow the checkpoint.
+
+    A MIMDet backbone sees ``sample_ratio`` of the tokens (1.0, every token, as the paper
+    evaluates: the same image always gives the same detections).
+    """
     roi_heads = cfg.model.get("roi_heads", None)
     if roi_heads is not None and "num_classes" in roi_heads:
         state = load_checkpoint_file(checkpoint)
@@ -135,6 +140,11 @@ def build_model(cfg, checkpoint: str, device: str, score_threshold: float) -> to
             predictor.test_score_thresh = min(predictor.test_score_thresh, score_threshold)
     model = instantiate(cfg.model).to(device).eval()
     Checkpointer(model).load(checkpoint)
+    bottom_up = getattr(getattr(model, "backbone", None), "bottom_up", None)
+    if hasattr(bottom_up, "eval_sample_ratio"):
+        bottom_up.eval_sample_ratio = sample_ratio
+        logger.info("The ViT sees %s of the image tokens (--sample-ratio)%s", sample_ratio,
+                    "" if sample_ratio == 1.0 else ": a random subset, so detections vary from run to run")
     return model
 
 
@@ -152,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
     parser.add_argument("--output", default="output/infer", help="folder for PNGs and results.json")
     parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument("--sample-ratio", type=float, default=1.0,
+                        help="fraction of tokens a MIMDet ViT sees, in (0, 1]; 1.0 (the default) is deterministic")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--coco-json", help="ground-truth COCO json: take image ids and categories from it")
     parser.add_argument("--skip-unreadable", action="store_true", help="warn about unreadable images, go on")
@@ -166,6 +178,8 @@ def run(args: argparse.Namespace) -> str:
     for flag, path in (("--config-file", args.config_file), ("--checkpoint", args.checkpoint)):
         if not os.path.isfile(path):
             raise InferenceError(f"{flag} {path}: no such file")
+    if not 0 < args.sample_ratio <= 1:
+        raise InferenceError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InferenceError("--device cuda: CUDA is not available here; use --device cpu")
     paths = check_readable(collect_images(args.inputs), args.skip_unreadable)
@@ -179,7 +193,7 @@ def run(args: argparse.Namespace) -> str:
     else:
         image_ids = list(range(1, len(paths) + 1))
         class_names, category_ids = config_classes(cfg)
-    model = build_model(cfg, args.checkpoint, args.device, args.score_threshold)
+    model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio)
     num_classes = model.roi_heads.num_classes if hasattr(model, "roi_heads") else len(class_names or [])
     if class_names is None or len(class_names) != num_classes:
         class_names = [f"class {i}" for i in range(num_classes)]
