@@ -46,7 +46,8 @@ class MIMDetBackbone(Backbone):
         sample_ratio: fraction of tokens the encoder sees, in (0, 1].
         eval_sample_ratio: the fraction used when not training; None means ``sample_ratio``.
         fill_mode: "mask_token" (MAE's mask token) or "conv_feature" (projected stem features).
-        checkpoint_stem, checkpoint_encoder, checkpoint_decoder: activation checkpointing.
+        use_act_checkpoint: recompute the stem stages, encoder blocks and decoder blocks in the
+            backward pass instead of keeping their activations (training only).
         out_features: which of c2..c5 to return.
     """
 
@@ -54,7 +55,7 @@ class MIMDetBackbone(Backbone):
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, norm_eps: float = 1e-5,
                  decoder_embed_dim: int = 512, decoder_depth: int = 4, decoder_num_heads: int = 16,
                  sample_ratio: float = 0.5, eval_sample_ratio: Optional[float] = None, fill_mode: str = "mask_token",
-                 checkpoint_stem: bool = False, checkpoint_encoder: bool = False, checkpoint_decoder: bool = False,
+                 use_act_checkpoint: bool = False,
                  out_features: Sequence[str] = OUTPUT_NAMES) -> None:
         super().__init__()
         unknown = [name for name in out_features if name not in OUTPUT_NAMES]
@@ -65,11 +66,11 @@ class MIMDetBackbone(Backbone):
         self.encoder = PartialObservationEncoder(
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
-            checkpoint_stem=checkpoint_stem, checkpoint_blocks=checkpoint_encoder)
+            checkpoint_stem=use_act_checkpoint, checkpoint_blocks=use_act_checkpoint)
         self.decoder = MAEDecoderCompletion(
             embed_dim=embed_dim, decoder_embed_dim=decoder_embed_dim, depth=decoder_depth,
             num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
-            table_grid=self.encoder.table_grid, fill_mode=fill_mode, checkpoint_blocks=checkpoint_decoder)
+            table_grid=self.encoder.table_grid, fill_mode=fill_mode, checkpoint_blocks=use_act_checkpoint)
         self._out_features = list(out_features)
         stem_channels = self.encoder.patch_embed.out_channels
         channels = {"c2": stem_channels[0], "c3": stem_channels[1], "c4": decoder_embed_dim, "c5": decoder_embed_dim}

@@ -355,7 +355,7 @@ def test_real_mimdet_backbone_takes_mae_weights():
         backbone = MIMDetBackbone(
             img_size=128, patch_size=16, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, drop_path_rate=0.0,
             norm_eps=1e-5, decoder_embed_dim=32, decoder_depth=4, decoder_num_heads=4, sample_ratio=0.5,
-            fill_mode=fill_mode, checkpoint_stem=False, checkpoint_encoder=False, checkpoint_decoder=False,
+            fill_mode=fill_mode, use_act_checkpoint=False,
             out_features=["c2", "c3", "c4", "c5"])
         report = load_mae_weights(backbone, state)
         assert all(n.startswith(("encoder.patch_embed.", "decoder.conv_feat_proj.")) for n in report.missing)

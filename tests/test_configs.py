@@ -275,3 +275,14 @@ def test_mimdet_configs_train_on_a_subset_and_evaluate_on_every_token():
         evaluated = [backbone.eval()(images)["c4"] for _ in range(2)]
     assert not torch.equal(*trained)  # half the tokens, drawn anew each time
     assert torch.equal(*evaluated)
+
+
+LAUNCHER_KEYS = {"model", "dataloader", "optimizer", "lr_multiplier", "train", "mae_checkpoint", "datasets"}
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*/*.py")
+                                          if p.parent.name != "common"), ids=lambda c: Path(c).stem)
+def test_every_top_level_key_is_one_the_launcher_reads(config):
+    """A stray top-level key (say ``bottom_up = model.backbone.bottom_up``) would accept
+    overrides such as ``bottom_up.sample_ratio=0.25`` that change nothing."""
+    assert set(load(config)) == LAUNCHER_KEYS

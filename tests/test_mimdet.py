@@ -146,8 +146,7 @@ def test_fill_modes_differ_only_in_the_completed_maps():
 
 @pytest.mark.parametrize("fill_mode", ["mask_token", "conv_feature"])
 def test_gradients_reach_stem_encoder_and_decoder(fill_mode):
-    backbone = MIMDetBackbone(**TINY, fill_mode=fill_mode, checkpoint_stem=True, checkpoint_encoder=True,
-                              checkpoint_decoder=True).train()
+    backbone = MIMDetBackbone(**TINY, fill_mode=fill_mode, use_act_checkpoint=True).train()
     features = backbone(_two_images(64, 90))
     sum(f.square().mean() for f in features.values()).backward()
     fill = backbone.decoder.mask_token if fill_mode == "mask_token" else backbone.decoder.conv_feat_proj.weight

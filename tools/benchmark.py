@@ -246,11 +246,10 @@ def load_config(config_file: str, overrides: Sequence[str], checkpointing: bool)
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
     cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
     bottom_up = cfg.model.backbone.bottom_up
-    if "sample_ratio" not in bottom_up:
+    if "sample_ratio" not in bottom_up or "use_act_checkpoint" not in bottom_up:
         raise ValueError(f"{config_file}: model.backbone.bottom_up has no sample_ratio; the benchmark needs a "
                          f"MIMDet backbone")
-    for key in ("checkpoint_stem", "checkpoint_encoder", "checkpoint_decoder"):
-        bottom_up[key] = checkpointing
+    bottom_up.use_act_checkpoint = checkpointing
     return cfg
 
 

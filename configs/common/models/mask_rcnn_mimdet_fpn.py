@@ -38,9 +38,7 @@ model = L(GeneralizedRCNNImageListForward)(
             sample_ratio=0.5,  # training
             eval_sample_ratio=1.0,  # evaluation and inference see every token, as the paper evaluates
             fill_mode="mask_token",
-            checkpoint_stem=True,
-            checkpoint_encoder=True,
-            checkpoint_decoder=True,
+            use_act_checkpoint=True,  # stem, encoder and decoder
             out_features=["c2", "c3", "c4", "c5"],
         ),
         in_features="${.bottom_up.out_features}",
@@ -107,3 +105,24 @@ model = L(GeneralizedRCNNImageListForward)(
     pixel_std=[58.395, 57.120, 57.375],
     input_format="RGB",
 )
+
+
+def shrink(model, *, img_size: int, embed_dim: int, depth: int, num_heads: int, width: int,
+           decoder_num_heads: int, box_convs: int, box_fc: int, mask_convs: int) -> None:
+    """Scale the detector above down, in place, for CPU demos and tests: MIMDet's architecture
+    with a narrower, shallower ViT, one ``width``-wide decoder block, and FPN and heads
+    ``width`` channels wide (``box_convs`` convs and a ``box_fc`` fc in the box head,
+    ``mask_convs`` convs before the mask head's deconv). No drop path, no activation
+    checkpointing."""
+    bottom_up = model.backbone.bottom_up
+    bottom_up.update(img_size=img_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, drop_path_rate=0.0,
+                     decoder_embed_dim=width, decoder_depth=1, decoder_num_heads=decoder_num_heads,
+                     use_act_checkpoint=False)
+    model.backbone.out_channels = width
+    model.proposal_generator.head.in_channels = width
+    box_head = model.roi_heads.box_head
+    box_head.input_shape = ShapeSpec(channels=width, height=7, width=7)
+    box_head.conv_dims, box_head.fc_dims = [width] * box_convs, [box_fc]
+    model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=box_fc)
+    model.roi_heads.mask_head.input_shape = ShapeSpec(channels=width, height=14, width=14)
+    model.roi_heads.mask_head.conv_dims = [width] * mask_convs
