@@ -25,6 +25,7 @@ from typing import List, Optional
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
 import torch
 from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -65,6 +66,11 @@ def apply_overrides(cfg, overrides: List[str]):
         except Exception as e:
             raise ValueError(f"cannot apply override '{override}': {e}") from e
         new = OmegaConf.select(cfg, key)
+        if OmegaConf.is_dict(old) and not OmegaConf.is_dict(new):
+            keys = sorted(k for k in old.keys() if k != "_target_")
+            likely = "path" if "path" in keys else (keys[0] if keys else "<key>")
+            raise ValueError(f"override '{override}': {key} is a group of keys {keys}, not a value; "
+                             f"did you mean {key}.{likely}=...?")
         if isinstance(old, (bool, int, float)) and old is not None:
             if isinstance(new, str) or isinstance(old, bool) != isinstance(new, bool):
                 raise ValueError(
@@ -95,23 +101,48 @@ def load_config(config_file: str, overrides: List[str]):
     return apply_overrides(cfg, overrides)
 
 
+def has_checkpoint(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds a checkpoint that ``--resume`` would continue from."""
+    return os.path.isdir(output_dir) and any(
+        name.startswith("model_") and name.endswith(".pth") for name in os.listdir(output_dir))
+
+
 def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: bool = False) -> None:
-    """Refuse to train from random weights by accident.
+    """Refuse, before any work, to start from weights that are missing or not the intended ones.
 
     The COCO configs reach the paper's numbers only from MAE weights; a run that forgets
     ``mae_checkpoint.path`` would spend days of GPU time in vain. So training with it unset is
-    an error naming the file the config needs, unless other weights are loaded (``--resume``,
-    ``train.init_checkpoint``) or nothing is trained (``--eval-only``).
-    ``mae_checkpoint.path=scratch`` starts from random weights on purpose.
+    an error naming the file the config needs, unless other weights are loaded (``--resume``
+    with a checkpoint in ``train.output_dir``, ``train.init_checkpoint``).
+    ``mae_checkpoint.path=scratch`` starts from random weights on purpose. ``--eval-only``
+    needs ``train.init_checkpoint``; files that will be read must exist.
     """
+    init = cfg.train.get("init_checkpoint", "") or ""
+    if eval_only:
+        if not init:
+            raise ValueError("--eval-only evaluates train.init_checkpoint, which is not set: "
+                             "pass train.init_checkpoint=/path/to/model.pth")
+    elif resume and has_checkpoint(cfg.train.output_dir):
+        return  # the checkpoint's weights are loaded; MAE and init weights are not read
+    if init and not os.path.isfile(init):
+        raise FileNotFoundError(f"train.init_checkpoint={init}: no such file")
     mae = cfg.get("mae_checkpoint", None)
-    if mae is None or mae.get("path", None) or resume or eval_only or cfg.train.get("init_checkpoint", ""):
+    if eval_only or mae is None:
         return
-    needs = mae.get("needs", None) or "an MAE pre-training checkpoint"
-    raise ValueError(
-        f"mae_checkpoint.path is not set: {config_file} trains from {needs}. Pass "
-        f"mae_checkpoint.path=/path/to/it, or mae_checkpoint.path={SCRATCH} to train from random weights "
-        f"on purpose (far below the paper's AP).")
+    path = mae.get("path", None)
+    if path == SCRATCH or (not path and init):
+        return
+    if not path:
+        needs = mae.get("needs", None) or "an MAE pre-training checkpoint"
+        again = f" (--resume found no checkpoint in {cfg.train.output_dir})" if resume else ""
+        raise ValueError(
+            f"mae_checkpoint.path is not set{again}: {config_file} trains from {needs}. Pass "
+            f"mae_checkpoint.path=/path/to/it, or mae_checkpoint.path={SCRATCH} to train from random weights "
+            f"on purpose (far below the paper's AP).")
+    if not os.path.isfile(str(path)):
+        hint = f" (mae_checkpoint.path={SCRATCH} trains from random weights)" if str(path).lower() in (
+            SCRATCH, "none", "null") else ""
+        raise FileNotFoundError(f"mae_checkpoint.path={path}: no such file{hint}")
 
 
 def amp_dtype(cfg, evaluation: bool = False) -> Optional[torch.dtype]:
@@ -147,6 +178,25 @@ def prepare(cfg, eval_only: bool = False) -> None:
                 names, len(classes), roi_heads.num_classes, len(classes),
             )
             roi_heads.num_classes = len(classes)
+    if cfg.dataloader.get("evaluator", None) is not None:  # detectron2's EvalHook also evaluates at the end
+        check_test_set(cfg, eval_only)
+
+
+def check_test_set(cfg, eval_only: bool) -> None:
+    """Fail before training, not at the first evaluation hours later, if the test set cannot be
+    evaluated: its classes differ from the training set's, or some of its images are missing."""
+    test_names = cfg.dataloader.test.dataset.names
+    if not eval_only:
+        train_classes, test_classes = thing_classes(cfg.dataloader.train.dataset.names), thing_classes(test_names)
+        if train_classes != test_classes:
+            raise ValueError(f"the test set {test_names} has classes {test_classes}, the training set "
+                             f"{cfg.dataloader.train.dataset.names} {train_classes}: they must be the same")
+    for name in [test_names] if isinstance(test_names, str) else test_names:
+        records = DatasetCatalog.get(name)
+        missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(records)} images of the test set {name} do not "
+                                    f"exist (e.g. {missing[0]}); evaluation needs every one")
 
 
 def do_test(cfg, model, seed: int = 0):

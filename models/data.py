@@ -21,10 +21,11 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+import torch
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data.datasets import register_coco_instances
-from detectron2.structures import BoxMode
+from detectron2.structures import BitMasks, BoxMode, PolygonMasks
 from pycocotools import mask as mask_util
 
 __all__ = [
@@ -146,12 +147,15 @@ def rle_to_polygons(segmentation: Mapping) -> List[List[float]]:
     return [(c.reshape(-1, 2).astype(np.float64) + 0.5).reshape(-1).tolist() for c in contours if len(c) >= 3]
 
 
-def _clean_annotation(annotation: dict) -> Tuple[Optional[dict], Optional[str]]:
+def _clean_annotation(annotation: dict, need_masks: bool) -> Tuple[Optional[dict], Optional[str]]:
     """(the annotation to train on, None) or (None, why it is dropped)."""
     problem = _box_problem(annotation)
     if problem is not None:
         return None, problem
     segmentation = annotation.get("segmentation")
+    if need_masks and not segmentation and not annotation.get("iscrowd", 0):
+        # detectron2's load_coco_json leaves an empty segmentation out of the record
+        return None, "no segmentation (the model trains masks)"
     if isinstance(segmentation, Mapping) and not annotation.get("iscrowd", 0):
         segmentation = rle_to_polygons(segmentation)
         annotation = {**annotation, "segmentation": segmentation}
@@ -166,14 +170,16 @@ def _clean_annotation(annotation: dict) -> Tuple[Optional[dict], Optional[str]]:
     return annotation, None
 
 
-def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
+def drop_degenerate_annotations(records: Sequence[dict], need_masks: bool = False) -> List[dict]:
     """Training records without degenerate annotations, with one warning that counts them.
 
     An annotation is dropped if its box is not finite or has no area; a polygon is dropped
     if it has fewer than 3 points or no area, and the annotation with it if none is left
     (a self-intersecting polygon stays: fvcore's crop repairs it with ``buffer(0)``). A non-crowd RLE mask becomes
     polygons (its outer contours). An image all of whose annotations were dropped is dropped
-    too. Raises ValueError if no image is left. The input records are not modified.
+    too. With ``need_masks`` (a mapper with ``use_instance_mask``), an annotation without a
+    segmentation is dropped as well: one image mixing both would stop detectron2's mapper.
+    Raises ValueError if no image is left. The input records are not modified.
     """
     kept, dropped, emptied, converted, example, total = [], 0, 0, 0, None, 0
     for record in records:
@@ -184,7 +190,7 @@ def drop_degenerate_annotations(records: Sequence[dict]) -> List[dict]:
         clean = []
         for number, annotation in enumerate(annotations):
             total += 1
-            cleaned, problem = _clean_annotation(annotation)
+            cleaned, problem = _clean_annotation(annotation, need_masks)
             converted += isinstance(annotation.get("segmentation"), Mapping) and not annotation.get("iscrowd", 0)
             if cleaned is not None:
                 clean.append(cleaned)
@@ -224,6 +230,12 @@ class InstanceDatasetMapper(DatasetMapper):
         super().__init__(*args, **kwargs)
         self.failed = 0
 
+    def _drop(self, annotation: dict, dataset_dict: dict, why: str) -> None:
+        self.failed += 1
+        if self.failed == 1 or self.failed % 100 == 0:
+            logger.warning("Dropped annotation %s of %s: %s; %d dropped so far", annotation.get("id", "?"),
+                           dataset_dict.get("file_name"), why, self.failed)
+
     def _transform_annotations(self, dataset_dict: dict, transforms, image_shape) -> None:
         kept = []
         for annotation in dataset_dict.pop("annotations"):
@@ -232,6 +244,9 @@ class InstanceDatasetMapper(DatasetMapper):
             annotation = dict(annotation)
             if not self.use_instance_mask:
                 annotation.pop("segmentation", None)
+            elif not annotation.get("segmentation"):
+                self._drop(annotation, dataset_dict, "it has no segmentation and the model trains masks")
+                continue
             if not self.use_keypoint:
                 annotation.pop("keypoints", None)
             # fvcore's ResizeTransform scales coordinates in place, so integer boxes and
@@ -245,12 +260,11 @@ class InstanceDatasetMapper(DatasetMapper):
                 kept.append(utils.transform_instance_annotations(
                     annotation, transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices))
             except Exception as e:  # noqa: BLE001  (any failure of one annotation must not stop training)
-                self.failed += 1
-                if self.failed == 1 or self.failed % 100 == 0:
-                    logger.warning("Dropped annotation %s of %s: its transform failed (%s: %s); %d dropped so far",
-                                   annotation.get("id", "?"), dataset_dict.get("file_name"), type(e).__name__, e,
-                                   self.failed)
+                self._drop(annotation, dataset_dict, f"its transform failed ({type(e).__name__}: {e})")
         instances = utils.annotations_to_instances(kept, image_shape, mask_format=self.instance_mask_format)
+        if self.use_instance_mask and not kept:  # detectron2 adds no gt_masks field when nothing is left
+            instances.gt_masks = PolygonMasks([]) if self.instance_mask_format == "polygon" else BitMasks(
+                torch.zeros(0, *image_shape, dtype=torch.bool))
         if self.recompute_boxes:  # as detectron2's mapper: boxes from the (cropped) masks
             instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
         dataset_dict["instances"] = utils.filter_empty_instances(instances)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
@@ -92,11 +93,18 @@ class GroupedBatchPlan:
         yield from batches
 
 
+# Replacement draws for a batch none of whose images could be used, before giving up.
+_REPLACEMENT_TRIES = 16
+
+
 class MappedBatches(Dataset):
     """Maps a planned batch of (position, index) to model inputs, each sample seeded by position.
 
-    Samples the mapper cannot read (``OSError``, or the mapper returns None) are skipped with a
-    warning and counted in ``self.skipped``; with ``skip_unreadable=False`` they raise.
+    Samples the mapper cannot use (``OSError``: unreadable; ``SizeMismatchError``: the file's
+    size differs from the annotation's; or the mapper returns None) are skipped with a warning
+    and counted in ``self.skipped``; with ``skip_unreadable=False`` they raise. A batch left
+    empty is filled with other images, drawn from (seed, position), so a resumed run draws
+    the same ones.
     """
 
     def __init__(self, records: Sequence[dict], mapper: Callable[[dict], Optional[dict]], seed: int,
@@ -113,11 +121,11 @@ class MappedBatches(Dataset):
         torch.manual_seed(sample_seed)
         try:
             return self.mapper(dict(self.records[index]))
-        except OSError as e:
+        except (OSError, SizeMismatchError) as e:
             if not self.skip_unreadable:
                 raise
             self.skipped += 1
-            logger.warning("Skipping unreadable training image %s (%d skipped by this loader process): %s",
+            logger.warning("Skipping unusable training image %s (%d skipped by this loader process): %s",
                            self.records[index].get("file_name"), self.skipped, e)
             return None
         finally:
@@ -132,9 +140,17 @@ class MappedBatches(Dataset):
             if sample is None:
                 continue
             mapped.append(sample)
+        position = batch[0][0]
+        for attempt in range(_REPLACEMENT_TRIES if not mapped else 0):
+            index = derive_seed(self.seed, 2, position, attempt) % len(self.records)
+            sample = self._map_seeded(position, index)
+            if sample is not None:
+                mapped.append(sample)
+                break
         if not mapped:
             names = [self.records[i].get("file_name") for _, i in batch]
-            raise RuntimeError(f"every image of a training batch was unreadable: {names}")
+            raise RuntimeError(f"every image of a training batch, and {_REPLACEMENT_TRIES} others drawn to replace "
+                               f"them, could not be used (e.g. {names[0]}): is the dataset's image folder right?")
         return mapped
 
     def __len__(self) -> int:  # the plan is infinite; DataLoader never asks with batch_size=None
@@ -153,7 +169,7 @@ def build_resumable_train_loader(dataset: Sequence[dict], *, mapper: Callable, t
     world_size = comm.get_world_size()
     if total_batch_size % world_size != 0:
         raise ValueError(f"total_batch_size {total_batch_size} is not divisible by the {world_size} processes")
-    records = drop_degenerate_annotations(list(dataset))
+    records = drop_degenerate_annotations(list(dataset), need_masks=getattr(mapper, "use_instance_mask", False))
     plan = GroupedBatchPlan([r["width"] > r["height"] for r in records], total_batch_size // world_size,
                             seed, comm.get_rank(), world_size, start_iter, aspect_ratio_grouping)
     batches = MappedBatches(records, mapper, seed, skip_unreadable)

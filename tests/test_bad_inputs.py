@@ -101,7 +101,7 @@ def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_sto
         batches = list(itertools.islice(iter(loader), 2))  # one epoch: the 8 images
     assert sorted(len(b) for b in batches) == [2, 4] or sorted(len(b) for b in batches) == [3, 3]
     assert sorted(x["image_id"] for b in batches for x in b) == [1, 3, 4, 6, 7, 8]
-    assert "Skipping unreadable training image" in caplog.text and "002.png" in caplog.text
+    assert "Skipping unusable training image" in caplog.text and "002.png" in caplog.text
     assert "005.png" in caplog.text and "(2 skipped by this loader process)" in caplog.text
 
     strict = launcher.load_config(TINY, [*overrides, "dataloader.train.skip_unreadable=False"])
@@ -123,14 +123,41 @@ def test_training_a_seed_config_without_mae_weights_is_an_error(config):
         launcher.cli(["--config-file", config])
 
 
-@pytest.mark.parametrize("argv", [["--resume"], ["--eval-only"], ["train.init_checkpoint=model.pth"],
-                                  ["mae_checkpoint.path=scratch"], ["mae_checkpoint.path=mae.pth"]],
-                         ids=["resume", "eval_only", "init_checkpoint", "scratch", "given"])
-def test_the_mae_check_lets_other_starts_through(argv):
-    config = next(iter(SEED_CONFIGS))
+def _check(config, *argv):
     args = launcher.build_parser().parse_args(["--config-file", config, *argv])
     cfg = launcher.load_config(config, args.opts)
-    launcher.check_start_weights(cfg, config, resume=args.resume, eval_only=args.eval_only)  # no error
+    launcher.check_start_weights(cfg, config, resume=args.resume, eval_only=args.eval_only)
+
+
+def test_the_mae_check_lets_other_starts_through_and_checks_files_first(tmp_path):
+    config = next(iter(SEED_CONFIGS))
+    weights, out = tmp_path / "weights.pth", tmp_path / "out"
+    weights.write_bytes(b"")  # only its existence is checked before the run
+    for argv in (["mae_checkpoint.path=scratch"], [f"mae_checkpoint.path={weights}"],
+                 [f"train.init_checkpoint={weights}"], ["--eval-only", f"train.init_checkpoint={weights}"]):
+        _check(config, *argv)  # no error
+    out.mkdir()
+    with pytest.raises(ValueError, match=r"mae_checkpoint.path is not set \(--resume found no checkpoint in .*out\)"):
+        _check(config, "--resume", f"train.output_dir={out}")  # a fresh folder: --resume would start from scratch
+    (out / "model_0000099.pth").write_bytes(b"")
+    _check(config, "--resume", f"train.output_dir={out}")  # continues from it: no MAE file needed
+    cases = {
+        "--eval-only evaluates train.init_checkpoint, which is not set": ["--eval-only"],
+        r"train.init_checkpoint=/no/model\.pth: no such file": ["train.init_checkpoint=/no/model.pth"],
+        r"mae_checkpoint.path=/no/mae\.pth: no such file$": ["mae_checkpoint.path=/no/mae.pth"],
+        r"mae_checkpoint.path=Scratch: no such file \(mae_checkpoint.path=scratch trains":
+            ["mae_checkpoint.path=Scratch"],
+    }
+    for message, argv in cases.items():
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            _check(config, *argv)
+
+
+@pytest.mark.parametrize("override, key", [("mae_checkpoint=/tmp/mae.pth", "mae_checkpoint.path"),
+                                           ("lr_multiplier=3.5", "lr_multiplier.scheduler")])
+def test_a_value_for_a_group_of_keys_is_named(override, key):
+    with pytest.raises(ValueError, match=rf"is a group of keys .* not a value; did you mean {key}=\.\.\.\?"):
+        launcher.load_config(TINY, [override])
 
 
 def test_demo_and_test_configs_start_from_scratch_on_purpose(caplog):
@@ -143,3 +170,27 @@ def test_demo_and_test_configs_start_from_scratch_on_purpose(caplog):
     with caplog.at_level(logging.INFO, logger="models.checkpoint"):
         assert load_mae_weights(torch.nn.Linear(2, 2), "scratch") is None
     assert "mae_checkpoint.path=scratch: the backbone starts from random weights" in caplog.text
+
+
+def test_a_test_set_that_cannot_be_evaluated_is_named_before_training(tmp_path, toy_coco_writer):
+    import json
+
+    train_json = toy_coco_writer(tmp_path / "train")
+    val = json.loads(train_json.read_text())
+    val["categories"] = val["categories"][:1]
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] == 1]
+    (tmp_path / "one_class.json").write_text(json.dumps(val))
+    images = tmp_path / "train" / "images"
+    register = (f"datasets.register=[{{name:bad_val_train,json_file:'{train_json}',image_root:'{images}'}},"
+                f"{{name:bad_val_one,json_file:'{tmp_path}/one_class.json',image_root:'{images}'}}]")
+    cfg = launcher.load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
+                                      "dataloader.test.dataset.names=bad_val_one"])
+    with pytest.raises(ValueError, match=r"the test set bad_val_one has classes \['red'\], the training set "
+                                         r"bad_val_train \['red', 'blue'\]: they must be the same"):
+        launcher.prepare(cfg)
+    cfg = launcher.load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
+                                      "dataloader.test.dataset.names=bad_val_train"])
+    (tmp_path / "train" / "images" / "003.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of the 8 images of the test set bad_val_train do not exist "
+                                                r"\(e\.g\. .*003\.png\); evaluation needs every one"):
+        launcher.prepare(cfg)

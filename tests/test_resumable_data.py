@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models  # noqa: F401
+from detectron2.data.detection_utils import SizeMismatchError
 from models.resumable_data import GroupedBatchPlan, MappedBatches, StepSeeds, build_resumable_train_loader
 
 
@@ -19,6 +20,8 @@ def _augmenting_mapper(record):
     """Stands in for DatasetMapper: its augmentation draws from numpy's and torch's global RNGs."""
     if record["file_name"] == "missing.png":
         raise FileNotFoundError(record["file_name"])
+    if record["file_name"] == "resized.png":  # detectron2's check of the file's size against the record's
+        raise SizeMismatchError(f"Mismatched image shape for image {record['file_name']}")
     return {"image_id": record["image_id"], "flip": bool(np.random.rand() < 0.5), "noise": torch.rand(3)}
 
 
@@ -78,14 +81,35 @@ def test_mapping_leaves_the_callers_rng_untouched():
 def test_unreadable_images_are_skipped_or_raise():
     records = _records(8)
     records[3]["file_name"] = "missing.png"
+    records[5]["file_name"] = "resized.png"
     loader = build_resumable_train_loader(records, mapper=_augmenting_mapper, total_batch_size=8,
                                           aspect_ratio_grouping=False)
     batch = _take(loader, 1)[0]
-    assert sorted(x["image_id"] for x in batch) == [0, 1, 2, 4, 5, 6, 7]
+    assert sorted(x["image_id"] for x in batch) == [0, 1, 2, 4, 6, 7]
     strict = build_resumable_train_loader(records, mapper=_augmenting_mapper, total_batch_size=8,
                                           aspect_ratio_grouping=False, skip_unreadable=False)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises((FileNotFoundError, SizeMismatchError), match=r"missing\.png|resized\.png"):
         _take(strict, 1)
+
+
+def test_a_batch_of_unusable_images_is_filled_with_others_the_same_way_each_time():
+    """One image per batch, one of them missing: its batch takes another image, drawn from the
+    seed and position, so a resumed run gets the same one."""
+    records = _records(8)
+    records[3]["file_name"] = "missing.png"
+
+    def loader(start_iter=0):
+        return build_resumable_train_loader(records, mapper=_augmenting_mapper, total_batch_size=1, seed=4,
+                                            start_iter=start_iter, aspect_ratio_grouping=False)
+
+    batches = _take(loader(), 16)  # two epochs: record 3 comes up twice
+    assert all(len(b) == 1 for b in batches)
+    assert 3 not in {b[0]["image_id"] for b in batches}
+    _same(batches[5:], _take(loader(start_iter=5), 11))
+    nothing = [dict(r, file_name="missing.png") for r in records]
+    with pytest.raises(RuntimeError, match=r"every image of a training batch, and 16 others drawn to replace them, "
+                                           r"could not be used \(e\.g\. missing\.png\)"):
+        _take(build_resumable_train_loader(nothing, mapper=_augmenting_mapper, total_batch_size=1), 1)
 
 
 def test_bad_arguments_are_named():

@@ -197,3 +197,24 @@ def test_a_cropped_instance_keeps_its_annotated_box():
     (polygons,) = record["instances"].gt_masks.polygons
     assert record["instances"].gt_boxes.tensor.tolist() == [[0.0, 0.0, 30.0, 60.0]]  # the box, clipped
     assert _mask_box(polygons).tolist() == [0.0, 0.0, 30.0, 30.0]  # what the mask alone would give
+
+
+def test_annotations_without_segmentation_are_dropped_when_masks_train(caplog):
+    """detectron2's load_coco_json leaves ``"segmentation": []`` out of the record; mixed with
+    annotations that have one, detectron2's mapper would stop (KeyError / no gt_masks)."""
+    good = dict(id=1, iscrowd=0, category_id=0, bbox=[10, 10, 20, 20], bbox_mode=BoxMode.XYWH_ABS,
+                segmentation=[[10, 10, 30, 10, 30, 30, 10, 30]])
+    box_only = dict(good, id=2)
+    del box_only["segmentation"]
+    records = [dict(file_name="a.png", annotations=[box_only, good]), dict(file_name="b.png", annotations=[box_only])]
+    assert drop_degenerate_annotations(records) == records  # box-only training keeps them
+    (kept,) = drop_degenerate_annotations(records, need_masks=True)
+    assert [a["id"] for a in kept["annotations"]] == [1]
+    assert "Dropped 2 of 3 training annotations" in caplog.text and "no segmentation" in caplog.text
+    mapper = InstanceDatasetMapper(is_train=True, augmentations=[], image_format="RGB", use_instance_mask=True)
+    for annotations in ([box_only, good], [box_only]):  # the mapper alone copes too
+        record = dict(file_name="a.png", annotations=annotations)
+        mapper._transform_annotations(record, T.TransformList([]), (64, 64))
+        assert len(record["instances"]) == len(annotations) - 1
+        assert len(record["instances"].gt_masks) == len(annotations) - 1
+    assert mapper.failed == 2
