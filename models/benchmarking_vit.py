@@ -10,7 +10,7 @@ Output features (the FPN's ``in_features``): ``s0``, ``s1``, ``s2``, ``s3``, str
 32 (for 16x16 patches), ``embed_dim`` channels each.
 """
 from functools import partial
-from typing import Dict, Iterable, Union
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +188,16 @@ class BenchmarkingViT(Backbone):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    # MAE -> this backbone: the blocks and the 16x16 patch embedding. MAE's position table is
+    # not used: the MoCo-v3 table stays, as in the original.
+    mae_pos_tables: Dict[str, int] = {}
+    fixed_pos_tables = {"pos_embed": 0}  # trainable, but built for img_size: resized on loading
+
+    @staticmethod
+    def mae_source(name: str) -> Optional[str]:
+        """The MAE checkpoint entry that state-dict entry ``name`` loads from (None: not from MAE)."""
+        return name if name.startswith(("blocks.", "patch_embed.proj.")) else None
 
     @property
     def size_divisibility(self) -> int:

@@ -25,7 +25,7 @@ from .pos_embed import resize_pos_table
 
 __all__ = [
     "LoadReport", "load_checkpoint_file", "save_checkpoint_atomic", "write_atomic", "summarize_names",
-    "load_mae_into_mimdet", "load_mae_into_benchmarking_vit", "load_mae_weights",
+    "load_mae_into_backbone", "fixed_pos_tables", "load_mae_weights",
     "resize_pos_tables", "check_same_architecture", "SafeDetectionCheckpointer", "SCRATCH",
 ]
 
@@ -36,8 +36,6 @@ SCRATCH = "scratch"  # mae_checkpoint.path that starts from random weights on pu
 _SAFE_GLOBALS = [argparse.Namespace]
 _ALLOWED_GLOBAL_NAMES = {"argparse.Namespace"}
 _TENSOR_GLOBALS = ("torch.", "collections.OrderedDict")  # what torch's legacy format needs for tensors
-# Fixed position tables of the detectors: name suffix -> leading (cls) slots before the grid.
-_DETECTOR_POS_TABLES = {"encoder.pos_embed": 1, "decoder.decoder_pos_embed": 1, "bottom_up.pos_embed": 0}
 _FEW = 5
 # Entries whose shape follows the number of classes: they may differ when fine-tuning on other data.
 _CLASS_DEPENDENT = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
@@ -234,39 +232,32 @@ def _load_mapped(backbone: nn.Module, path_or_state: PathOrState, source_of: Cal
     return report
 
 
-_MIMDET_TAKES = {"encoder.": ("blocks.", "norm.", "pos_embed"),
-                 "decoder.": ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "mask_token", "decoder_pos_embed")}
+def load_mae_into_backbone(backbone: nn.Module, path_or_state: PathOrState) -> LoadReport:
+    """Load an MAE pre-training checkpoint (file, ``{"model": sd, ...}`` or a state dict) into a
+    backbone that declares its mapping, as timm keeps a ``checkpoint_filter_fn`` beside each model:
 
+    * ``backbone.mae_source(name)``: the MAE entry its state-dict entry ``name`` loads from, or None;
+    * ``backbone.mae_pos_tables``: MAE position tables it takes, with their leading (cls) slots;
+      they are resized from the checkpoint's grid to the backbone's.
 
-def _mimdet_source(name: str) -> Optional[str]:
-    for scope, taken in _MIMDET_TAKES.items():
-        rest = name[len(scope):]
-        if name.startswith(scope) and any(rest == t or (t.endswith(".") and rest.startswith(t)) for t in taken):
-            return rest
-    return None
-
-
-def load_mae_into_mimdet(backbone: nn.Module, path_or_state: PathOrState) -> LoadReport:
-    """Load a full MAE checkpoint (file, ``{"model": sd, ...}`` or a state dict) into a MIMDet backbone.
-
-    The encoder takes blocks, norm and pos_embed, the decoder decoder_embed, decoder_blocks,
-    decoder_norm, mask_token (if it has one) and decoder_pos_embed; both tables are resized
-    from the checkpoint's grid (14x14 for MAE) to the backbone's. Raises ValueError if the
-    checkpoint lacks an entry the backbone needs or its shapes belong to another model.
+    Raises ValueError if the checkpoint lacks an entry the backbone needs or its shapes belong
+    to another model; logs what was loaded, missing and unused.
     """
-    return _load_mapped(backbone, path_or_state, _mimdet_source, {"pos_embed": 1, "decoder_pos_embed": 1},
-                        "MIMDet backbone")
+    if not callable(getattr(backbone, "mae_source", None)):
+        raise TypeError(f"{type(backbone).__name__} declares no MAE mapping (a mae_source(name) method): expected "
+                        "a MIMDetBackbone or a BenchmarkingViT")
+    return _load_mapped(backbone, path_or_state, backbone.mae_source, dict(getattr(backbone, "mae_pos_tables", {})),
+                        type(backbone).__name__)
 
 
-def load_mae_into_benchmarking_vit(backbone: nn.Module, path_or_state: PathOrState) -> LoadReport:
-    """Load a full MAE checkpoint's blocks and 16x16 patch embedding into a Benchmarking ViT.
-
-    MAE's position table is not used: the Benchmarking ViT keeps its MoCo-v3 table, as in the original.
-    """
-    def source_of(name: str) -> Optional[str]:
-        return name if name.startswith(("blocks.", "patch_embed.proj.")) else None
-
-    return _load_mapped(backbone, path_or_state, source_of, {}, "Benchmarking ViT")
+def fixed_pos_tables(model: nn.Module) -> Dict[str, int]:
+    """State-dict names of the fixed position tables that the model's modules declare in
+    ``fixed_pos_tables`` (name -> leading cls slots), e.g. ``backbone.bottom_up.encoder.pos_embed``."""
+    tables = {}
+    for prefix, module in model.named_modules():
+        for name, slots in getattr(module, "fixed_pos_tables", {}).items():
+            tables[f"{prefix}.{name}" if prefix else name] = slots
+    return tables
 
 
 def load_mae_weights(model: nn.Module, path: Optional[PathOrState]) -> Optional[LoadReport]:
@@ -284,24 +275,20 @@ def load_mae_weights(model: nn.Module, path: Optional[PathOrState]) -> Optional[
     module = getattr(model, "module", model)  # (Distributed)DataParallel
     backbone = getattr(module, "backbone", module)
     bottom_up = getattr(backbone, "bottom_up", backbone)
-    kind = type(bottom_up).__name__
-    if kind == "MIMDetBackbone" or (hasattr(bottom_up, "encoder") and hasattr(bottom_up, "decoder")):
-        return load_mae_into_mimdet(bottom_up, path)
-    if kind == "BenchmarkingViT" or (hasattr(bottom_up, "patch_embed") and hasattr(bottom_up, "blocks")):
-        return load_mae_into_benchmarking_vit(bottom_up, path)
-    raise TypeError(f"no MAE loader for backbone {kind}: expected a MIMDetBackbone or a BenchmarkingViT")
+    return load_mae_into_backbone(bottom_up, path)
 
 
-def resize_pos_tables(state: Dict[str, Any], model_state: Mapping[str, torch.Tensor]) -> List[str]:
+def resize_pos_tables(state: Dict[str, Any], model_state: Mapping[str, torch.Tensor],
+                      tables: Mapping[str, int]) -> List[str]:
     """Resize, in ``state``, each fixed position table whose grid differs from ``model_state``'s.
 
-    Tables: ``*encoder.pos_embed`` and ``*decoder.decoder_pos_embed`` (MAE layout, one cls slot),
-    ``*bottom_up.pos_embed`` (Benchmarking, none). Returns the resized names; a table that
-    cannot be resized (other width, non-square grid) is a ValueError, never dropped.
+    ``tables``: the model's fixed tables and their leading slots (:func:`fixed_pos_tables`).
+    Returns the resized names; a table that cannot be resized (other width, non-square grid)
+    is a ValueError, never dropped.
     """
     resized = []
     for key, value in list(state.items()):
-        num_prefix = next((p for s, p in _DETECTOR_POS_TABLES.items() if key == s or key.endswith("." + s)), None)
+        num_prefix = tables.get(key)
         if num_prefix is None or key not in model_state or tuple(value.shape) == tuple(model_state[key].shape):
             continue
         fitted = _fit_table(torch.as_tensor(value), model_state[key], num_prefix)
@@ -314,7 +301,8 @@ def resize_pos_tables(state: Dict[str, Any], model_state: Mapping[str, torch.Ten
     return resized
 
 
-def check_same_architecture(state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor]) -> None:
+def check_same_architecture(state: Mapping[str, Any], model_state: Mapping[str, torch.Tensor],
+                            tables: Mapping[str, int] = ()) -> None:
     """Refuse a checkpoint made for another architecture.
 
     Raises ValueError, naming entries and shapes, if an entry the two share differs in shape
@@ -323,7 +311,7 @@ def check_same_architecture(state: Mapping[str, Any], model_state: Mapping[str, 
     the checkpoint covers less than half of the model's values.
     """
     def may_differ(key: str) -> bool:
-        return key.startswith(_CLASS_DEPENDENT) or any(key == t or key.endswith("." + t) for t in _DETECTOR_POS_TABLES)
+        return key.startswith(_CLASS_DEPENDENT) or key in tables
 
     shared = [k for k in model_state if k in state and hasattr(state[k], "shape")]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
@@ -359,9 +347,9 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         _strip_prefix_if_present(checkpoint["model"], "module.")
-        model_state = self.model.state_dict()
-        check_same_architecture(checkpoint["model"], model_state)
-        resize_pos_tables(checkpoint["model"], model_state)
+        model_state, tables = self.model.state_dict(), fixed_pos_tables(self.model)
+        check_same_architecture(checkpoint["model"], model_state, tables)
+        resize_pos_tables(checkpoint["model"], model_state, tables)
         return super()._load_model(checkpoint)
 
     def save(self, name: str, **kwargs: Any) -> None:

@@ -81,6 +81,23 @@ class MIMDetBackbone(Backbone):
                     depth, embed_dim, decoder_depth, decoder_embed_dim, self.sample_ratio,
                     self.eval_sample_ratio if eval_sample_ratio is not None else "same", fill_mode)
 
+    # How MAE's full pre-training checkpoint (MAE's models_mae.py names) maps onto this backbone:
+    # the encoder takes blocks, norm and the position table; the decoder takes decoder_embed,
+    # the first decoder_depth blocks, decoder_norm, the mask token and its position table.
+    _MAE_TAKES = {"encoder.": ("blocks.", "norm.", "pos_embed"),
+                  "decoder.": ("decoder_embed.", "decoder_blocks.", "decoder_norm.", "mask_token", "decoder_pos_embed")}
+    mae_pos_tables = {"pos_embed": 1, "decoder_pos_embed": 1}  # MAE's tables, one cls slot each: resized
+    fixed_pos_tables = {"encoder.pos_embed": 1, "decoder.decoder_pos_embed": 1}  # ours, resized on loading
+
+    @classmethod
+    def mae_source(cls, name: str) -> Optional[str]:
+        """The MAE checkpoint entry that state-dict entry ``name`` loads from (None: not from MAE)."""
+        for scope, taken in cls._MAE_TAKES.items():
+            rest = name[len(scope):]
+            if name.startswith(scope) and any(rest == t or (t.endswith(".") and rest.startswith(t)) for t in taken):
+                return rest
+        return None
+
     @property
     def sample_ratio(self) -> float:
         """Fraction of tokens the encoder sees in training (and in eval if no eval ratio is set)."""

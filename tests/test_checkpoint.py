@@ -17,8 +17,8 @@ from models.benchmarking_vit import BenchmarkingViT
 from models.checkpoint import (
     SafeDetectionCheckpointer,
     load_checkpoint_file,
-    load_mae_into_benchmarking_vit,
-    load_mae_into_mimdet,
+    fixed_pos_tables,
+    load_mae_into_backbone,
     load_mae_weights,
     save_checkpoint_atomic,
 )
@@ -66,7 +66,11 @@ def _table(tokens: int, dim: int) -> nn.Parameter:
 
 class StandInMIMDet(nn.Module):
     """MIMDetBackbone's state-dict names: encoder {pos_embed, patch_embed (conv stem), blocks, norm},
-    decoder {decoder_embed, mask_token | conv_feat_proj, decoder_pos_embed, decoder_blocks, decoder_norm}."""
+    decoder {decoder_embed, mask_token | conv_feat_proj, decoder_pos_embed, decoder_blocks, decoder_norm};
+    and its MAE mapping and fixed tables, borrowed."""
+
+    mae_source = MIMDetBackbone.mae_source
+    mae_pos_tables, fixed_pos_tables = MIMDetBackbone.mae_pos_tables, MIMDetBackbone.fixed_pos_tables
 
     def __init__(self, embed_dim=64, depth=2, decoder_dim=32, img_size=64, fill_mode="mask_token"):
         super().__init__()
@@ -89,7 +93,11 @@ class StandInMIMDet(nn.Module):
 
 
 class StandInBenchmarkingViT(nn.Module):
-    """BenchmarkingViT's names: patch_embed.proj, pos_embed (no cls slot), blocks, rel-pos table, adaptor."""
+    """BenchmarkingViT's names: patch_embed.proj, pos_embed (no cls slot), blocks, rel-pos table, adaptor;
+    and its MAE mapping and fixed tables, borrowed."""
+
+    mae_source = staticmethod(BenchmarkingViT.mae_source)
+    mae_pos_tables, fixed_pos_tables = BenchmarkingViT.mae_pos_tables, BenchmarkingViT.fixed_pos_tables
 
     def __init__(self, embed_dim=64, depth=2, img_size=64):
         super().__init__()
@@ -188,7 +196,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 def test_mae_into_mimdet(tmp_path, caplog, fill_mode):
     path, backbone = mae_file(tmp_path, **TINY), StandInMIMDet(img_size=128, fill_mode=fill_mode)
     with caplog.at_level(logging.INFO, logger="models.checkpoint"):
-        report = load_mae_into_mimdet(backbone, path)
+        report = load_mae_into_backbone(backbone, path)
     mae, sd = load_checkpoint_file(path)["model"], backbone.state_dict()
     for i in range(2):
         assert torch.equal(sd[f"encoder.blocks.{i}.attn.qkv.weight"], mae[f"blocks.{i}.attn.qkv.weight"])
@@ -216,7 +224,7 @@ def test_mae_from_memory_and_bare_state_dict():
     state = mae_state_dict(**TINY)
     for source in ({"model": state, "epoch": 3}, state):
         backbone = StandInMIMDet(img_size=224)  # 14x14: the table is taken as is
-        load_mae_into_mimdet(backbone, source)
+        load_mae_into_backbone(backbone, source)
         assert torch.equal(backbone.encoder.pos_embed, state["pos_embed"])
 
 
@@ -236,14 +244,14 @@ def test_mae_mismatches_are_named(case, message):
              "detector": lambda: {f"backbone.bottom_up.encoder.{k}": v
                                   for k, v in mae_state_dict(**TINY).items()}}[case]()
     with pytest.raises(ValueError, match=message):
-        load_mae_into_mimdet(StandInMIMDet(), state)
+        load_mae_into_backbone(StandInMIMDet(), state)
 
 
 def test_mae_into_benchmarking_vit(caplog):
     state, backbone = mae_state_dict(**TINY), StandInBenchmarkingViT()
     pos_before = backbone.pos_embed.detach().clone()
     with caplog.at_level(logging.INFO, logger="models.checkpoint"):
-        report = load_mae_into_benchmarking_vit(backbone, state)
+        report = load_mae_into_backbone(backbone, state)
     sd = backbone.state_dict()
     assert torch.equal(sd["patch_embed.proj.weight"], state["patch_embed.proj.weight"])
     assert torch.equal(sd["blocks.1.mlp.fc1.weight"], state["blocks.1.mlp.fc1.weight"])
@@ -262,8 +270,11 @@ def test_load_mae_weights_dispatches(tmp_path, caplog):
     assert "encoder.norm.weight" in load_mae_weights(mimdet, str(path)).loaded
     assert "patch_embed.proj.weight" in load_mae_weights(vit, path).loaded
     assert "blocks.0.norm1.weight" in load_mae_weights(StandInBenchmarkingViT(), path).loaded
-    with pytest.raises(TypeError, match="no MAE loader"):
+    with pytest.raises(TypeError, match=r"Linear declares no MAE mapping \(a mae_source\(name\) method\)"):
         load_mae_weights(nn.Linear(2, 2), path)
+    assert fixed_pos_tables(mimdet) == {"backbone.bottom_up.encoder.pos_embed": 1,
+                                        "backbone.bottom_up.decoder.decoder_pos_embed": 1}
+    assert fixed_pos_tables(vit) == {"backbone.bottom_up.pos_embed": 0}
 
 
 def _detector_file(tmp_path, model: nn.Module) -> Path:
