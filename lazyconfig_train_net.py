@@ -66,7 +66,7 @@ def apply_overrides(cfg, overrides: List[str]):
         except Exception as e:
             raise ValueError(f"cannot apply override '{override}': {e}") from e
         new = OmegaConf.select(cfg, key)
-        if OmegaConf.is_dict(old) and not OmegaConf.is_dict(new):
+        if OmegaConf.is_dict(old) and new is not None and not OmegaConf.is_dict(new):  # null turns a part off
             keys = sorted(k for k in old.keys() if k != "_target_")
             likely = "path" if "path" in keys else (keys[0] if keys else "<key>")
             raise ValueError(f"override '{override}': {key} is a group of keys {keys}, not a value; "

@@ -1,14 +1,12 @@
-"""Masks and drawings with numpy and PIL only: outlines of binary masks as COCO polygons,
-and drawings of instances (masks, boxes, class names, scores).
-
-detectron2's ``Visualizer`` needs OpenCV, which MIMDet does not depend on; ``draw_instances``
-draws the same things for dataset previews and ``tools/infer.py``.
+"""Outlines of binary masks as exact COCO polygons (for the synthetic shapes), and drawings of
+instances (masks, boxes, class names, scores) with detectron2's ``Visualizer``, for dataset
+previews and ``tools/infer.py``.
 """
 import colorsys
 from typing import List, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from detectron2.utils.visualizer import ColorMode, Visualizer
 
 __all__ = ["class_colors", "draw_instances", "is_simple_region", "trace_outline", "upscale_factor"]
 
@@ -81,24 +79,14 @@ def trace_outline(mask: np.ndarray) -> List[float]:
 
 
 def class_colors(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours, evenly spread hues so neighbouring classes differ."""
+    """(num_classes, 3) RGB colours in [0, 1], evenly spread hues so neighbouring classes differ."""
     hues = (np.arange(num_classes) * 0.618034) % 1.0  # golden-ratio steps
-    return np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]) * 255
+    return np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues])
 
 
 def upscale_factor(height: int, width: int, min_size: int) -> int:
     """Smallest integer factor that makes the short side at least ``min_size`` (>= 1)."""
     return max(1, -(-min_size // max(1, min(height, width))))
-
-
-def _edge(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it."""
-    inner = mask.copy()
-    inner[1:] &= mask[:-1]
-    inner[:-1] &= mask[1:]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
 
 
 def draw_instances(
@@ -110,7 +98,8 @@ def draw_instances(
     masks: Optional[np.ndarray] = None,
     min_size: int = 0,
 ) -> np.ndarray:
-    """Draw instances on an RGB image and return the drawing (uint8, H', W', 3).
+    """Draw instances on an RGB image with detectron2's ``Visualizer``; return the drawing
+    (uint8, H', W', 3).
 
     Args:
         image: (H, W, 3) uint8 RGB.
@@ -119,30 +108,19 @@ def draw_instances(
         class_names: names of all classes (an index beyond them is drawn as "class <i>").
         scores: N confidences, shown after the names; None for ground truth.
         masks: (N, H, W) bool, or None.
-        min_size: upscale by an integer factor until the short side is at least this, so
+        min_size: draw at an integer scale that makes the short side at least this, so
             labels stay readable on small images.
     """
     factor = upscale_factor(image.shape[0], image.shape[1], min_size)
-    canvas = np.repeat(np.repeat(image, factor, 0), factor, 1).astype(np.float64)
     colors = class_colors(max(len(class_names), max(classes, default=0) + 1))
-    order = range(len(boxes))
-    for i in order:
-        if masks is not None:
-            mask = np.repeat(np.repeat(np.asarray(masks[i], bool), factor, 0), factor, 1)
-            color = colors[classes[i]]
-            canvas[mask] = (1 - MASK_ALPHA) * canvas[mask] + MASK_ALPHA * color
-            canvas[_edge(mask)] = color
-    drawing = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(drawing)
-    font = ImageFont.load_default()
-    for i in order:
-        color = tuple(int(c) for c in colors[classes[i]])
-        x0, y0, x1, y1 = (float(v) * factor for v in boxes[i])
-        draw.rectangle([x0, y0, x1, y1], outline=color, width=max(1, factor))
-        name = class_names[classes[i]] if classes[i] < len(class_names) else f"class {classes[i]}"
-        label = name if scores is None else f"{name} {scores[i]:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        text_y = y0 - (bottom - top) - 2 if y0 >= bottom - top + 2 else y0
-        draw.rectangle([x0, text_y, x0 + right - left + 2, text_y + bottom - top + 2], fill=color)
-        draw.text((x0 + 1 - left, text_y + 1 - top), label, fill=(0, 0, 0), font=font)
-    return np.asarray(drawing)
+    names = [class_names[c] if c < len(class_names) else f"class {c}" for c in classes]
+    labels = names if scores is None else [f"{name} {score:.2f}" for name, score in zip(names, scores)]
+    visualizer = Visualizer(image, scale=factor, instance_mode=ColorMode.IMAGE)
+    drawing = visualizer.overlay_instances(
+        boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else None,
+        labels=labels or None,
+        masks=None if masks is None or not len(masks) else np.asarray(masks, dtype=bool),
+        assigned_colors=[tuple(colors[c]) for c in classes] or None,
+        alpha=MASK_ALPHA,
+    )
+    return drawing.get_image()

@@ -158,6 +158,7 @@ def test_the_mae_check_lets_other_starts_through_and_checks_files_first(tmp_path
 def test_a_value_for_a_group_of_keys_is_named(override, key):
     with pytest.raises(ValueError, match=rf"is a group of keys .* not a value; did you mean {key}=\.\.\.\?"):
         launcher.load_config(TINY, [override])
+    assert launcher.load_config(TINY, ["dataloader.evaluator=null"]).dataloader.evaluator is None  # turns it off
 
 
 def test_demo_and_test_configs_start_from_scratch_on_purpose(caplog):
