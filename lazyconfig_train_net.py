@@ -17,14 +17,13 @@ COCO-format datasets). Without CUDA it runs on the CPU; ``train.amp`` is bf16 au
 the run would have gone on (models/resume.py); without one it starts a new run.
 """
 import contextlib
-import inspect
 import logging
 import os
 from typing import List, Optional
 
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser, default_setup, default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -32,9 +31,9 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
-from omegaconf import OmegaConf
 
 from models.checkpoint import SCRATCH, SafeDetectionCheckpointer, load_mae_weights
+from models.config import load_config
 from models.data import check_dataset_files, register_coco_datasets, thing_classes
 from models.engine import MixedPrecisionTrainer, resolve_amp_dtype
 from models.launch import launch
@@ -43,63 +42,6 @@ from models.resume import MetricHistory, ResumableCheckpointer, drop_metrics_aft
 from models.sync_norm import sync_batchnorm_for_cpu
 
 logger = logging.getLogger("detectron2")
-
-_MISSING = object()
-
-
-def apply_overrides(cfg, overrides: List[str]):
-    """``LazyConfig.apply_overrides`` that refuses unknown keys and wrongly typed values.
-
-    A key must exist in the config, or name an argument of the callable its parent node
-    builds (``_target_``). A number or bool may not become a string.
-    """
-    for override in overrides:
-        key, sep, _ = override.partition("=")
-        if not sep:
-            raise ValueError(f"override '{override}' is not of the form key=value")
-        key = key.strip().lstrip("+")
-        old = OmegaConf.select(cfg, key, default=_MISSING)
-        if old is _MISSING:
-            _check_new_key(cfg, key)
-        try:
-            LazyConfig.apply_overrides(cfg, [override])
-        except Exception as e:
-            raise ValueError(f"cannot apply override '{override}': {e}") from e
-        new = OmegaConf.select(cfg, key)
-        if OmegaConf.is_dict(old) and new is not None and not OmegaConf.is_dict(new):  # null turns a part off
-            keys = sorted(k for k in old.keys() if k != "_target_")
-            likely = "path" if "path" in keys else (keys[0] if keys else "<key>")
-            raise ValueError(f"override '{override}': {key} is a group of keys {keys}, not a value; "
-                             f"did you mean {key}.{likely}=...?")
-        if isinstance(old, (bool, int, float)) and old is not None:
-            if isinstance(new, str) or isinstance(old, bool) != isinstance(new, bool):
-                raise ValueError(
-                    f"override '{override}': {key} is {type(old).__name__} ({old!r}), got {new!r}"
-                )
-    return cfg
-
-
-def _check_new_key(cfg, key: str) -> None:
-    parent_key, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
-    if OmegaConf.is_dict(parent):
-        target = parent.get("_target_", None)
-        if callable(target):
-            params = inspect.signature(target).parameters
-            if leaf in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                return
-        known = sorted(k for k in parent.keys() if k != "_target_")
-        raise KeyError(f"unknown config key '{key}': '{parent_key or '<top level>'}' has keys {known}")
-    raise KeyError(f"unknown config key '{key}': '{parent_key}' does not exist in the config")
-
-
-def load_config(config_file: str, overrides: List[str]):
-    """Load a LazyConfig file and apply command-line overrides."""
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file!r} (see configs/ for the available ones)")
-    cfg = LazyConfig.load(config_file)
-    return apply_overrides(cfg, overrides)
-
 
 def has_checkpoint(output_dir: str) -> bool:
     """Whether ``output_dir`` holds a checkpoint that ``--resume`` would continue from."""

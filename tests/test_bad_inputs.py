@@ -14,6 +14,7 @@ from detectron2.config import instantiate
 
 import lazyconfig_train_net as launcher
 from models.checkpoint import SafeDetectionCheckpointer
+from models.config import load_config
 
 TINY = "configs/test/tiny_mimdet.py"
 
@@ -53,27 +54,27 @@ def test_command_line_errors_come_before_any_process_starts(argv, error, message
      r"dataset 'gone': image_root /nonexistent/images is not a folder"),
 ])
 def test_missing_dataset_files_are_named(override, message):
-    cfg = launcher.load_config(TINY, [override, "dataloader.train.dataset.names=gone"])
+    cfg = load_config(TINY, [override, "dataloader.train.dataset.names=gone"])
     with pytest.raises(FileNotFoundError, match=message):
         launcher.prepare(cfg)
 
 
 def test_sample_ratio_out_of_range_is_named(toy):
-    cfg = launcher.load_config(TINY, [*toy[1], "model.backbone.bottom_up.sample_ratio=1.5"])
+    cfg = load_config(TINY, [*toy[1], "model.backbone.bottom_up.sample_ratio=1.5"])
     with pytest.raises(ValueError, match=r"sample_ratio must be a number in \(0, 1\], got 1\.5"):
         launcher.build_model(cfg)
 
 
 def test_fp16_on_cpu_is_named(toy):
-    cfg = launcher.load_config(TINY, [*toy[1], "train.amp.enabled=True", "train.amp.dtype=fp16", "train.device=cpu"])
+    cfg = load_config(TINY, [*toy[1], "train.amp.enabled=True", "train.amp.dtype=fp16", "train.device=cpu"])
     with pytest.raises(ValueError, match=r"train.amp.dtype='fp16' needs CUDA; on cpu use 'bf16'"):
         launcher.prepare(cfg)
 
 
 def test_checkpoint_of_another_architecture_is_refused(toy, tmp_path):
-    cfg = launcher.load_config(TINY, toy[1])
+    cfg = load_config(TINY, toy[1])
     model = instantiate(cfg.model)
-    wider = instantiate(launcher.load_config(TINY, [*toy[1], "model.backbone.bottom_up.embed_dim=64"]).model)
+    wider = instantiate(load_config(TINY, [*toy[1], "model.backbone.bottom_up.embed_dim=64"]).model)
     torch.save({"model": wider.state_dict()}, tmp_path / "wider.pth")
     with pytest.raises(ValueError, match=r"another architecture: \d+ entries differ in shape: backbone\."
                                          r"fpn_lateral2\.weight: checkpoint \(64, 16, 1, 1\) vs model \(64, 24"):
@@ -84,14 +85,14 @@ def test_checkpoint_of_another_architecture_is_refused(toy, tmp_path):
     with pytest.raises(ValueError, match=r"another architecture \(an MAE checkpoint goes to mae_checkpoint.path\): "
                                          r"it has 0% of the model's values"):
         SafeDetectionCheckpointer(model).load(str(tmp_path / "mae_like.pth"))
-    fewer_classes = launcher.load_config(TINY, [*toy[1], "model.roi_heads.num_classes=5"]).model
+    fewer_classes = load_config(TINY, [*toy[1], "model.roi_heads.num_classes=5"]).model
     torch.save({"model": instantiate(fewer_classes).state_dict()}, tmp_path / "other_classes.pth")
     SafeDetectionCheckpointer(model).load(str(tmp_path / "other_classes.pth"))  # fine-tuning: predictors differ
 
 
 def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_stop(toy, caplog):
     root, overrides = toy
-    cfg = launcher.load_config(TINY, [*overrides, "dataloader.train.aspect_ratio_grouping=False",
+    cfg = load_config(TINY, [*overrides, "dataloader.train.aspect_ratio_grouping=False",
                                       "dataloader.train.total_batch_size=4"])
     launcher.prepare(cfg)
     loader = launcher.build_train_loader(cfg, seed=0, start_iter=0)
@@ -104,7 +105,7 @@ def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_sto
     assert "Skipping unusable training image" in caplog.text and "002.png" in caplog.text
     assert "005.png" in caplog.text and "(2 skipped by this loader process)" in caplog.text
 
-    strict = launcher.load_config(TINY, [*overrides, "dataloader.train.skip_unreadable=False"])
+    strict = load_config(TINY, [*overrides, "dataloader.train.skip_unreadable=False"])
     with pytest.raises(OSError, match=r"00[25]\.png"):
         list(itertools.islice(iter(launcher.build_train_loader(strict, seed=0, start_iter=0)), 4))
 
@@ -125,7 +126,7 @@ def test_training_a_seed_config_without_mae_weights_is_an_error(config):
 
 def _check(config, *argv):
     args = launcher.build_parser().parse_args(["--config-file", config, *argv])
-    cfg = launcher.load_config(config, args.opts)
+    cfg = load_config(config, args.opts)
     launcher.check_start_weights(cfg, config, resume=args.resume, eval_only=args.eval_only)
 
 
@@ -157,15 +158,15 @@ def test_the_mae_check_lets_other_starts_through_and_checks_files_first(tmp_path
                                            ("lr_multiplier=3.5", "lr_multiplier.scheduler")])
 def test_a_value_for_a_group_of_keys_is_named(override, key):
     with pytest.raises(ValueError, match=rf"is a group of keys .* not a value; did you mean {key}=\.\.\.\?"):
-        launcher.load_config(TINY, [override])
-    assert launcher.load_config(TINY, ["dataloader.evaluator=null"]).dataloader.evaluator is None  # turns it off
+        load_config(TINY, [override])
+    assert load_config(TINY, ["dataloader.evaluator=null"]).dataloader.evaluator is None  # turns it off
 
 
 def test_demo_and_test_configs_start_from_scratch_on_purpose(caplog):
     from models.checkpoint import load_mae_weights
 
     for config in (TINY, "configs/demo/mimdet_shapes.py"):
-        cfg = launcher.load_config(config, [])
+        cfg = load_config(config, [])
         assert cfg.mae_checkpoint.path == "scratch"
         launcher.check_start_weights(cfg, config)
     with caplog.at_level(logging.INFO, logger="models.checkpoint"):
@@ -184,12 +185,12 @@ def test_a_test_set_that_cannot_be_evaluated_is_named_before_training(tmp_path, 
     images = tmp_path / "train" / "images"
     register = (f"datasets.register=[{{name:bad_val_train,json_file:'{train_json}',image_root:'{images}'}},"
                 f"{{name:bad_val_one,json_file:'{tmp_path}/one_class.json',image_root:'{images}'}}]")
-    cfg = launcher.load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
+    cfg = load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
                                       "dataloader.test.dataset.names=bad_val_one"])
     with pytest.raises(ValueError, match=r"the test set bad_val_one has classes \['red'\], the training set "
                                          r"bad_val_train \['red', 'blue'\]: they must be the same"):
         launcher.prepare(cfg)
-    cfg = launcher.load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
+    cfg = load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
                                       "dataloader.test.dataset.names=bad_val_train"])
     (tmp_path / "train" / "images" / "003.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of the 8 images of the test set bad_val_train do not exist "

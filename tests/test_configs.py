@@ -13,7 +13,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-from lazyconfig_train_net import apply_overrides
+from models.config import apply_overrides
 from models.optim import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ import torch
 from detectron2.config import LazyConfig, instantiate
 
 from models.checkpoint import SafeDetectionCheckpointer
+from models.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/test/tiny_mimdet.py"
@@ -116,7 +117,7 @@ def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked():
     import lazyconfig_train_net as launcher
 
     def dtypes(config, *overrides):
-        cfg = launcher.load_config(config, ["train.device=cpu", *overrides])
+        cfg = load_config(config, ["train.device=cpu", *overrides])
         return launcher.amp_dtype(cfg), launcher.amp_dtype(cfg, evaluation=True)
 
     assert dtypes(VIT_B) == (torch.bfloat16, None)  # the COCO configs: autocast in training only
@@ -134,7 +135,7 @@ def test_evaluation_precision(toy, eval_autocast, dtype):
 
     _, overrides = toy
     chosen = [] if eval_autocast is None else [f"train.amp.eval={eval_autocast}"]
-    cfg = launcher.load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True", *chosen,
+    cfg = load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True", *chosen,
                                       "model.roi_heads.box_predictor.test_topk_per_image=5"])
     launcher.prepare(cfg, eval_only=True)
     model = launcher.build_model(cfg)

@@ -46,13 +46,14 @@ sys.path.insert(0, REPO)
 
 import models  # noqa: E402,F401  (detectron2 compatibility first)
 import torch  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+from models.config import load_config  # noqa: E402
 from models.engine import resolve_amp_dtype  # noqa: E402
 
 __all__ = ["Cell", "LiveTensorPeak", "run_benchmark", "format_table", "target_lines", "main"]
@@ -240,11 +241,11 @@ def synthetic_detector_inputs(batch: int, height: int, width: int, with_targets:
     return inputs
 
 
-def load_config(config_file: str, overrides: Sequence[str], checkpointing: bool):
-    """The LazyConfig with overrides, activation checkpointing set as asked."""
+def load_benchmark_config(config_file: str, overrides: Sequence[str], checkpointing: bool):
+    """The LazyConfig with overrides (the launcher's strict loader), activation checkpointing set as asked."""
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
-    cfg = LazyConfig.apply_overrides(LazyConfig.load(config_file), list(overrides))
+    cfg = load_config(config_file, overrides)
     bottom_up = cfg.model.backbone.bottom_up
     if "sample_ratio" not in bottom_up or "use_act_checkpoint" not in bottom_up:
         raise ValueError(f"{config_file}: model.backbone.bottom_up has no sample_ratio; the benchmark needs a "
@@ -263,7 +264,7 @@ def _autocast(device: torch.device, dtype: str):
 def run_benchmark(args: argparse.Namespace) -> List[Cell]:
     """Measure every (sample ratio, dtype) cell of ``args``; return the cells in order."""
     device = torch.device(args.device)
-    cfg = load_config(args.config_file, args.overrides, args.activation_checkpointing)
+    cfg = load_benchmark_config(args.config_file, args.overrides, args.activation_checkpointing)
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device)
     backbone = model.backbone.bottom_up

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402,F401  (detectron2 compatibility first)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.config import LazyConfig, instantiate  # noqa: E402
+from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json  # noqa: E402
@@ -34,6 +34,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from models.config import load_config  # noqa: E402
 from models.visualize import draw_instances  # noqa: E402
 
 from models.checkpoint import SafeDetectionCheckpointer as Checkpointer, load_checkpoint_file  # noqa: E402
@@ -183,10 +184,9 @@ def run(args: argparse.Namespace) -> str:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InferenceError("--device cuda: CUDA is not available here; use --device cpu")
     paths = check_readable(collect_images(args.inputs), args.skip_unreadable)
-    cfg = LazyConfig.load(args.config_file)
     try:
-        cfg = LazyConfig.apply_overrides(cfg, args.opts)
-    except Exception as e:
+        cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
+    except (KeyError, ValueError) as e:
         raise InferenceError(f"cannot apply --opts {args.opts}: {e}") from e
     if args.coco_json:
         image_ids, category_ids, class_names = ground_truth_ids(paths, args.coco_json)
