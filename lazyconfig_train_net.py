@@ -14,7 +14,7 @@ loaded before ``train.init_checkpoint``, which wins) and ``datasets.register`` (
 COCO-format datasets). Without CUDA it runs on the CPU; ``train.amp`` is bf16 autocast there.
 
 ``--resume`` continues from the newest readable checkpoint of ``train.output_dir`` exactly as
-the run would have gone on (models/resume.py); without one it starts a new run.
+the run would have gone on (models/engine/resume.py); without one it starts a new run.
 """
 import contextlib
 import logging
@@ -34,12 +34,12 @@ from detectron2.utils.logger import setup_logger
 
 from models.checkpoint import SCRATCH, SafeDetectionCheckpointer, load_mae_weights
 from models.config import load_config
-from models.data import check_dataset_files, register_coco_datasets, thing_classes
-from models.engine import MixedPrecisionTrainer, resolve_amp_dtype
-from models.launch import launch
-from models.resumable_data import StepSeeds, build_resumable_train_loader, derive_seed
-from models.resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
-from models.sync_norm import sync_batchnorm_for_cpu
+from models.data.datasets import check_dataset_files, register_coco_datasets, thing_classes
+from models.engine.trainer import MixedPrecisionTrainer, resolve_amp_dtype
+from models.engine.launch import launch
+from models.data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
+from models.engine.resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
+from models.engine.sync_norm import sync_batchnorm_for_cpu
 
 logger = logging.getLogger("detectron2")
 
@@ -181,7 +181,7 @@ def wrap_ddp(cfg, model: torch.nn.Module) -> torch.nn.Module:
 def build_train_loader(cfg, seed: int, start_iter: int):
     """``dataloader.train``, starting at ``start_iter`` of the stream that ``seed`` defines."""
     loader = cfg.dataloader.train
-    if loader._target_ in (build_resumable_train_loader, "models.resumable_data.build_resumable_train_loader"):
+    if loader._target_ in (build_resumable_train_loader, "models.data.resumable.build_resumable_train_loader"):
         loader.seed, loader.start_iter = seed, start_iter
     elif start_iter:
         logger.warning("dataloader.train is not build_resumable_train_loader: the resumed run sees other data "
@@ -282,7 +282,7 @@ def resolve_dist_url(args, parser) -> None:
 
 
 def cli(argv: Optional[List[str]] = None) -> None:
-    """Parse the command line, check the config, start the processes (models/launch.py)."""
+    """Parse the command line, check the config, start the processes (models/engine/launch.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_cpu_processes < 0:

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pycocotools.mask as mask_util  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models.synthetic_shapes import SHAPE_CLASSES, ensure_shapes, generate_split, load_split  # noqa: E402
+from models.data.synthetic_shapes import SHAPE_CLASSES, ensure_shapes, generate_split, load_split  # noqa: E402
 from models.visualize import draw_instances  # noqa: E402
 
 PREVIEW_MIN_SIZE = 512

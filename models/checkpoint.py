@@ -21,7 +21,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _strip_prefix_if_present
 from torch import nn
 
-from .pos_embed import resize_pos_table
+from .backbones.pos_embed import resize_pos_table
 
 __all__ = [
     "LoadReport", "load_checkpoint_file", "save_checkpoint_atomic", "write_atomic", "summarize_names",

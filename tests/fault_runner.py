@@ -29,7 +29,7 @@ from detectron2.utils.events import get_event_storage  # noqa: E402
 
 import lazyconfig_train_net as launcher  # noqa: E402
 from models import checkpoint as checkpoint_module  # noqa: E402
-from models.engine import MixedPrecisionTrainer  # noqa: E402
+from models.engine.trainer import MixedPrecisionTrainer  # noqa: E402
 from models.meta_arch import GeneralizedRCNNImageListForward  # noqa: E402
 
 

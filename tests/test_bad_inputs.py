@@ -98,7 +98,7 @@ def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_sto
     loader = launcher.build_train_loader(cfg, seed=0, start_iter=0)
     (root / "images" / "002.png").unlink()  # the records are read: the files go after
     (root / "images" / "005.png").write_bytes(b"\x89PNG but not really")
-    with caplog.at_level(logging.WARNING, logger="models.resumable_data"):
+    with caplog.at_level(logging.WARNING, logger="models.data.resumable"):
         batches = list(itertools.islice(iter(loader), 2))  # one epoch: the 8 images
     assert sorted(len(b) for b in batches) == [2, 4] or sorted(len(b) for b in batches) == [3, 3]
     assert sorted(x["image_id"] for b in batches for x in b) == [1, 3, 4, 6, 7, 8]

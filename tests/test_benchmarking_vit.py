@@ -1,4 +1,4 @@
-"""Benchmarking-ViT backbone (models/benchmarking_vit.py): shapes, released names, attention
+"""Benchmarking-ViT backbone (models/backbones/benchmarking_vit.py): shapes, released names, attention
 pattern against a naive reference, gradients and input errors. Tiny widths except one build of ViT-B."""
 
 import models  # noqa: F401  (detectron2 compatibility layer first)
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from detectron2.structures import ImageList
 
-from models.benchmarking_vit import BenchmarkingViT, relative_position_index
-from models.pos_embed import sincos_table_mocov3
+from models.backbones.benchmarking_vit import BenchmarkingViT, relative_position_index
+from models.backbones.pos_embed import sincos_table_mocov3
 
 PREFIX = "backbone.bottom_up."
 TINY = dict(img_size=128, patch_size=16, embed_dim=64, depth=6, num_heads=4, drop_path_rate=0.0,

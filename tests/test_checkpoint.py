@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models.benchmarking_vit import BenchmarkingViT
+from models.backbones.benchmarking_vit import BenchmarkingViT
 from models.checkpoint import (
     SafeDetectionCheckpointer,
     load_checkpoint_file,
@@ -22,8 +22,8 @@ from models.checkpoint import (
     load_mae_weights,
     save_checkpoint_atomic,
 )
-from models.mimdet import MIMDetBackbone
-from models.pos_embed import resize_pos_table
+from models.backbones.mimdet import MIMDetBackbone
+from models.backbones.pos_embed import resize_pos_table
 
 TINY = dict(embed_dim=64, depth=2, decoder_dim=32, decoder_depth=8)
 

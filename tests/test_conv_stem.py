@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.conv_stem import ConvStem
+from models.backbones.conv_stem import ConvStem
 
 
 def test_outputs_are_stride_4_8_16_with_quarter_half_full_width():

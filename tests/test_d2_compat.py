@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import models  # noqa: F401  (applies the compatibility layer before detectron2 is imported)
-from models import d2_compat
+from models.compat import detectron2_06 as d2_compat
 
 REPO = Path(__file__).resolve().parents[1]
 

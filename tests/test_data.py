@@ -1,4 +1,4 @@
-"""models/data.py: COCO-format datasets from the config, their files, and degenerate annotations."""
+"""models/data/datasets.py: COCO-format datasets from the config, their files, and degenerate annotations."""
 import logging
 import os
 
@@ -7,7 +7,7 @@ import pytest
 import models  # noqa: F401  (before detectron2)
 from detectron2.structures import BoxMode
 
-from models.data import check_dataset_files, drop_degenerate_annotations, register_coco_datasets
+from models.data.datasets import check_dataset_files, drop_degenerate_annotations, register_coco_datasets
 
 SQUARE = [10, 10, 30, 10, 30, 30, 10, 30]
 
@@ -30,7 +30,7 @@ def test_degenerate_boxes_and_polygons_are_dropped_with_one_counting_warning(cap
         dict(file_name="b.png", annotations=[_annotation(7, bbox=(5, 5, -3, 4))]),
         dict(file_name="c.png", annotations=[_annotation(8)]),
     ]
-    with caplog.at_level(logging.WARNING, logger="models.data"):
+    with caplog.at_level(logging.WARNING, logger="models.data.datasets"):
         kept = drop_degenerate_annotations(records)
     assert [r["file_name"] for r in kept] == ["a.png", "c.png"]
     assert [a["id"] for a in kept[0]["annotations"]] == [1, 6]
@@ -46,7 +46,7 @@ def test_nothing_left_is_a_clear_error_and_clean_data_passes_untouched(caplog):
         drop_degenerate_annotations([dict(file_name="b.png", annotations=[_annotation(1, bbox=(0, 0, 0, 0))])])
     clean = [dict(file_name="c.png", annotations=[_annotation(1)]), dict(file_name="d.png")]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="models.data"):
+    with caplog.at_level(logging.WARNING, logger="models.data.datasets"):
         assert drop_degenerate_annotations(clean) == clean
     assert caplog.text == ""
 
@@ -75,11 +75,11 @@ def test_builtin_dataset_without_its_files_is_named():
 
 
 def test_the_resumable_train_loader_drops_them(caplog):
-    from models.resumable_data import build_resumable_train_loader
+    from models.data.resumable import build_resumable_train_loader
 
     records = [dict(file_name=f"{i}.png", width=32, height=32, image_id=i,
                     annotations=[_annotation(1, bbox=(0, 0, 0, 5) if i == 2 else (1, 1, 5, 5))]) for i in range(4)]
-    with caplog.at_level(logging.WARNING, logger="models.data"):
+    with caplog.at_level(logging.WARNING, logger="models.data.datasets"):
         loader = build_resumable_train_loader(records, mapper=lambda r: r, total_batch_size=3,
                                               aspect_ratio_grouping=False)
     assert "Dropped 1 of 4 training annotations" in caplog.text

@@ -3,9 +3,9 @@ import models  # noqa: F401  (before detectron2)
 import pytest
 import torch
 
-from models.decoder import MAEDecoderCompletion
-from models.encoder import sample_tokens
-from models.pos_embed import resize_pos_table
+from models.backbones.decoder import MAEDecoderCompletion
+from models.backbones.encoder import sample_tokens
+from models.backbones.pos_embed import resize_pos_table
 
 TINY = dict(embed_dim=64, decoder_embed_dim=32, depth=2, num_heads=4, table_grid=(8, 8))
 GRID = (4, 6)

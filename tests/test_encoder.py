@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.encoder import PartialObservationEncoder, sample_tokens, valid_token_mask
-from models.pos_embed import resize_pos_table, sincos_table_mae
+from models.backbones.encoder import PartialObservationEncoder, sample_tokens, valid_token_mask
+from models.backbones.pos_embed import resize_pos_table, sincos_table_mae
 
 TINY = dict(img_size=128, embed_dim=64, depth=2, num_heads=4, drop_path_rate=0.0)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import models  # noqa: F401
-from models.engine import MixedPrecisionTrainer, resolve_amp_dtype
+from models.engine.trainer import MixedPrecisionTrainer, resolve_amp_dtype
 
 
 class _Regressor(nn.Module):

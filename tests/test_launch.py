@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import models  # noqa: F401
-from models.launch import check_num_gpus, launch
+from models.engine.launch import check_num_gpus, launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def test_torchrun_env_rendezvous(tmp_path):
         import sys
         sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]
         import models
-        from models.launch import launch
+        from models.engine.launch import launch
         from test_launch import _report
         launch(_report, num_gpus_per_machine=1, num_cpu_processes=1, args=({str(tmp_path)!r},))
     """))

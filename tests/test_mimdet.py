@@ -8,8 +8,8 @@ from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.structures import ImageList
 
-from models.encoder import sample_tokens
-from models.mimdet import MIMDetBackbone
+from models.backbones.encoder import sample_tokens
+from models.backbones.mimdet import MIMDetBackbone
 
 TINY = dict(img_size=128, embed_dim=64, depth=2, num_heads=4, drop_path_rate=0.0, decoder_embed_dim=32,
             decoder_depth=2, decoder_num_heads=4)

@@ -3,7 +3,7 @@ import models  # noqa: F401  (before detectron2)
 import torch
 from torch import nn
 
-from models.pos_embed import ResizedTableCache, resize_pos_table, sincos_table_mae
+from models.backbones.pos_embed import ResizedTableCache, resize_pos_table, sincos_table_mae
 
 
 def _table() -> nn.Parameter:

@@ -7,7 +7,7 @@ import torch
 
 import models  # noqa: F401
 from detectron2.data.detection_utils import SizeMismatchError
-from models.resumable_data import GroupedBatchPlan, MappedBatches, StepSeeds, build_resumable_train_loader
+from models.data.resumable import GroupedBatchPlan, MappedBatches, StepSeeds, build_resumable_train_loader
 
 
 def _records(n=23):

@@ -1,4 +1,4 @@
-"""models/resume.py: choosing the checkpoint to resume from, the run's seed, the metric
+"""models/engine/resume.py: choosing the checkpoint to resume from, the run's seed, the metric
 history and metrics.json after a kill."""
 import json
 import logging
@@ -11,7 +11,7 @@ from torch import nn
 import models  # noqa: F401  (before detectron2)
 from detectron2.utils.events import EventStorage
 
-from models.resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
+from models.engine.resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
 
 
 def _checkpointer(directory, seed=None):
@@ -45,7 +45,7 @@ def test_falls_back_past_truncated_and_code_carrying_checkpoints(tmp_path, caplo
     resumed, resumed_model = _checkpointer(tmp_path)
     with torch.no_grad():
         resumed_model.weight.zero_()
-    with caplog.at_level(logging.WARNING, logger="models.resume"):
+    with caplog.at_level(logging.WARNING, logger="models.engine.resume"):
         point = resumed.find_resume_point()
     assert (point.path, point.iteration, point.seed) == (str(tmp_path / "model_0000001.pth"), 1, 42)
     assert not marker.exists()

@@ -18,7 +18,7 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode, PolygonMasks
 from fvcore.transforms.transform import CropTransform
 
-from models.data import InstanceDatasetMapper, drop_degenerate_annotations
+from models.data.datasets import InstanceDatasetMapper, drop_degenerate_annotations
 
 REPO = Path(__file__).resolve().parents[1]
 MIMDET = [f"configs/mimdet/mimdet_vit_{v}_mask_rcnn_fpn_sr_{r}_800_1333_4xdec_{f}coco_3x{b}.py"

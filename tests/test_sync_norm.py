@@ -1,4 +1,4 @@
-"""models/sync_norm.py: SyncBN on CPU processes normalises with the statistics of the whole batch."""
+"""models/engine/sync_norm.py: SyncBN on CPU processes normalises with the statistics of the whole batch."""
 import json
 from pathlib import Path
 
@@ -8,8 +8,8 @@ from torch import nn
 import models  # noqa: F401  (before detectron2)
 from detectron2.layers import NaiveSyncBatchNorm
 
-from models.launch import launch
-from models.sync_norm import sync_batchnorm_for_cpu
+from models.engine.launch import launch
+from models.engine.sync_norm import sync_batchnorm_for_cpu
 
 
 def _model():
@@ -22,7 +22,7 @@ def _model():
 def test_swap_keeps_weights_and_statistics(caplog):
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with caplog.at_level("INFO", logger="models.sync_norm"):
+    with caplog.at_level("INFO", logger="models.engine.sync_norm"):
         assert sync_batchnorm_for_cpu(model) == 2
     assert isinstance(model[1], NaiveSyncBatchNorm) and isinstance(model[2][0], NaiveSyncBatchNorm)
     assert model.state_dict().keys() == before.keys()

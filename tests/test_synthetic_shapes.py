@@ -13,7 +13,7 @@ from detectron2.structures import PolygonMasks, polygons_to_bitmask
 from PIL import Image
 from pycocotools.coco import COCO
 
-from models.synthetic_shapes import (
+from models.data.synthetic_shapes import (
     DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, register_shapes, render_image,
 )
 from models.visualize import is_simple_region, trace_outline

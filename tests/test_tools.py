@@ -13,7 +13,7 @@ from detectron2.config import LazyConfig, instantiate
 from PIL import Image
 from pycocotools.coco import COCO
 
-from models.synthetic_shapes import SHAPE_CLASSES, ensure_shapes
+from models.data.synthetic_shapes import SHAPE_CLASSES, ensure_shapes
 from tools import infer, plot_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

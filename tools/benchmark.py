@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from models.config import load_config  # noqa: E402
-from models.engine import resolve_amp_dtype  # noqa: E402
+from models.engine.trainer import resolve_amp_dtype  # noqa: E402
 
 __all__ = ["Cell", "LiveTensorPeak", "run_benchmark", "format_table", "target_lines", "main"]
 

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 from PIL import Image  # noqa: E402
 
-from models.synthetic_shapes import ensure_shapes  # noqa: E402
+from models.data.synthetic_shapes import ensure_shapes  # noqa: E402
 from tools import infer  # noqa: E402
 from tools.plot_metrics import plot_metrics, read_metrics  # noqa: E402
 

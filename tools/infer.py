@@ -107,7 +107,7 @@ def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
     try:
         from detectron2.data import MetadataCatalog
 
-        from models.data import register_coco_datasets, thing_classes
+        from models.data.datasets import register_coco_datasets, thing_classes
 
         register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
         names = OmegaConf.select(cfg, "dataloader.test.dataset.names")

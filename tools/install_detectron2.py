@@ -6,7 +6,7 @@ detectron2 is not on PyPI. Its v0.6 Python sources are, inside the sdist
 the C++ sources, so ``pip install`` of it fails. This script fetches that sdist, checks its
 sha256, packs its ``detectron2`` package (model-zoo configs and the three bundled projects
 included) into a wheel registered as distribution ``detectron2`` 0.6, and pip-installs it.
-MIMDet needs none of detectron2's compiled ops; ``models.d2_compat`` supplies a placeholder
+MIMDet needs none of detectron2's compiled ops; ``models.compat.detectron2_06`` supplies a placeholder
 ``detectron2._C`` that explains how to build them when one is called.
 
 A detectron2 that is already importable (for example one built from source with its

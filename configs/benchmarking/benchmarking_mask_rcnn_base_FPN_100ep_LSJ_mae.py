@@ -4,7 +4,7 @@ from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import CosineParamScheduler
 
-from models.benchmarking_vit import BenchmarkingViT
+from models.backbones.benchmarking_vit import BenchmarkingViT
 
 from ..common.data.coco_lsj import dataloader
 from ..common.models.mask_rcnn_mimdet_fpn import model

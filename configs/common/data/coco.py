@@ -2,7 +2,7 @@
 400/500/600 and an absolute random crop of 384..600; then a short side of 480..800 (max
 1333). Test: short side 800, max 1333. RGB, instance masks, total batch 64.
 
-The train loader is the resumable one (models/resumable_data.py): the launcher gives it the
+The train loader is the resumable one (models/data/resumable.py): the launcher gives it the
 run's seed and the iteration to start at, so a resumed run sees the batches and
 augmentations an uninterrupted one would."""
 import detectron2.data.transforms as T
@@ -11,8 +11,8 @@ from detectron2.data import DatasetMapper, build_detection_test_loader, get_dete
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
-from models.data import InstanceDatasetMapper
-from models.resumable_data import build_resumable_train_loader
+from models.data.datasets import InstanceDatasetMapper
+from models.data.resumable import build_resumable_train_loader
 
 dataloader = OmegaConf.create()
 

@@ -6,7 +6,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.model_zoo import get_config
 
 from models.meta_arch import GeneralizedRCNNImageListForward, head_norm
-from models.mimdet import MIMDetBackbone
+from models.backbones.mimdet import MIMDetBackbone
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
 model._target_ = GeneralizedRCNNImageListForward  # hands the ImageList (padding known) to the backbone

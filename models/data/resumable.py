@@ -27,7 +27,7 @@ from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .data import drop_degenerate_annotations
+from .datasets import drop_degenerate_annotations
 
 __all__ = ["derive_seed", "GroupedBatchPlan", "MappedBatches", "build_resumable_train_loader", "StepSeeds"]
 
@@ -164,7 +164,7 @@ def build_resumable_train_loader(dataset: Sequence[dict], *, mapper: Callable, t
 
     Arguments follow detectron2's ``build_detection_train_loader``; ``dataset`` is the list of
     records (e.g. ``get_detection_dataset_dicts(...)``), whose degenerate annotations are
-    dropped with a warning (:func:`models.data.drop_degenerate_annotations`).
+    dropped with a warning (:func:`models.data.datasets.drop_degenerate_annotations`).
     """
     world_size = comm.get_world_size()
     if total_batch_size % world_size != 0:

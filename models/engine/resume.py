@@ -2,7 +2,7 @@
 as an uninterrupted one.
 
 The data stream, augmentation and model randomness are functions of (seed, iteration)
-(:mod:`models.resumable_data`), so a checkpoint needs only the weights, the optimizer, the
+(:mod:`models.data.resumable`), so a checkpoint needs only the weights, the optimizer, the
 trainer's iteration and hook states, and the run's seed. This module adds:
 
 * :class:`ResumableCheckpointer`: resumes from the newest checkpoint that can be read,
@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from detectron2.engine import HookBase
 
-from .checkpoint import SafeDetectionCheckpointer, write_atomic
+from ..checkpoint import SafeDetectionCheckpointer, write_atomic
 
 __all__ = ["ResumePoint", "ResumableCheckpointer", "MetricHistory", "drop_metrics_after",
            "remove_partial_checkpoints"]

@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .visualize import is_simple_region, trace_outline
+from ..visualize import is_simple_region, trace_outline
 
 __all__ = ["SHAPE_CLASSES", "DATASET_NAMES", "ShapesConfig", "render_image", "generate_split",
            "ensure_shapes", "register_shapes"]
