@@ -29,6 +29,7 @@ from detectron2.utils.events import get_event_storage  # noqa: E402
 
 import lazyconfig_train_net as launcher  # noqa: E402
 from models import checkpoint as checkpoint_module  # noqa: E402
+from models.engine import loops  # noqa: E402
 from models.engine.trainer import MixedPrecisionTrainer  # noqa: E402
 from models.meta_arch import GeneralizedRCNNImageListForward  # noqa: E402
 
@@ -59,14 +60,14 @@ def _kill_at(iteration: int, moment: str) -> None:
 
         checkpoint_module.save_checkpoint_atomic = killing_save
     elif moment == "eval":
-        do_test = launcher.do_test
+        do_test = loops.do_test
 
         def killing_do_test(*args, **kwargs):
             if get_event_storage().iter == iteration:
                 _die()
             return do_test(*args, **kwargs)
 
-        launcher.do_test = killing_do_test
+        loops.do_test = killing_do_test
     else:
         raise ValueError(f"MIMDET_KILL_AT moment must be step, save or eval, got {moment!r}")
 

@@ -15,6 +15,7 @@ from detectron2.config import instantiate
 import lazyconfig_train_net as launcher
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
+from models.engine import loops
 
 TINY = "configs/test/tiny_mimdet.py"
 
@@ -56,19 +57,19 @@ def test_command_line_errors_come_before_any_process_starts(argv, error, message
 def test_missing_dataset_files_are_named(override, message):
     cfg = load_config(TINY, [override, "dataloader.train.dataset.names=gone"])
     with pytest.raises(FileNotFoundError, match=message):
-        launcher.prepare(cfg)
+        loops.prepare(cfg)
 
 
 def test_sample_ratio_out_of_range_is_named(toy):
     cfg = load_config(TINY, [*toy[1], "model.backbone.bottom_up.sample_ratio=1.5"])
     with pytest.raises(ValueError, match=r"sample_ratio must be a number in \(0, 1\], got 1\.5"):
-        launcher.build_model(cfg)
+        loops.build_model(cfg)
 
 
 def test_fp16_on_cpu_is_named(toy):
     cfg = load_config(TINY, [*toy[1], "train.amp.enabled=True", "train.amp.dtype=fp16", "train.device=cpu"])
     with pytest.raises(ValueError, match=r"train.amp.dtype='fp16' needs CUDA; on cpu use 'bf16'"):
-        launcher.prepare(cfg)
+        loops.prepare(cfg)
 
 
 def test_checkpoint_of_another_architecture_is_refused(toy, tmp_path):
@@ -94,8 +95,8 @@ def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_sto
     root, overrides = toy
     cfg = load_config(TINY, [*overrides, "dataloader.train.aspect_ratio_grouping=False",
                                       "dataloader.train.total_batch_size=4"])
-    launcher.prepare(cfg)
-    loader = launcher.build_train_loader(cfg, seed=0, start_iter=0)
+    loops.prepare(cfg)
+    loader = loops.build_train_loader(cfg, seed=0, start_iter=0)
     (root / "images" / "002.png").unlink()  # the records are read: the files go after
     (root / "images" / "005.png").write_bytes(b"\x89PNG but not really")
     with caplog.at_level(logging.WARNING, logger="models.data.resumable"):
@@ -107,7 +108,7 @@ def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_sto
 
     strict = load_config(TINY, [*overrides, "dataloader.train.skip_unreadable=False"])
     with pytest.raises(OSError, match=r"00[25]\.png"):
-        list(itertools.islice(iter(launcher.build_train_loader(strict, seed=0, start_iter=0)), 4))
+        list(itertools.islice(iter(loops.build_train_loader(strict, seed=0, start_iter=0)), 4))
 
 
 SEED_CONFIGS = {  # config -> the MAE file its error names
@@ -127,7 +128,7 @@ def test_training_a_seed_config_without_mae_weights_is_an_error(config):
 def _check(config, *argv):
     args = launcher.build_parser().parse_args(["--config-file", config, *argv])
     cfg = load_config(config, args.opts)
-    launcher.check_start_weights(cfg, config, resume=args.resume, eval_only=args.eval_only)
+    loops.check_start_weights(cfg, config, resume=args.resume, eval_only=args.eval_only)
 
 
 def test_the_mae_check_lets_other_starts_through_and_checks_files_first(tmp_path):
@@ -168,7 +169,7 @@ def test_demo_and_test_configs_start_from_scratch_on_purpose(caplog):
     for config in (TINY, "configs/demo/mimdet_shapes.py"):
         cfg = load_config(config, [])
         assert cfg.mae_checkpoint.path == "scratch"
-        launcher.check_start_weights(cfg, config)
+        loops.check_start_weights(cfg, config)
     with caplog.at_level(logging.INFO, logger="models.checkpoint"):
         assert load_mae_weights(torch.nn.Linear(2, 2), "scratch") is None
     assert "mae_checkpoint.path=scratch: the backbone starts from random weights" in caplog.text
@@ -189,10 +190,10 @@ def test_a_test_set_that_cannot_be_evaluated_is_named_before_training(tmp_path, 
                                       "dataloader.test.dataset.names=bad_val_one"])
     with pytest.raises(ValueError, match=r"the test set bad_val_one has classes \['red'\], the training set "
                                          r"bad_val_train \['red', 'blue'\]: they must be the same"):
-        launcher.prepare(cfg)
+        loops.prepare(cfg)
     cfg = load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
                                       "dataloader.test.dataset.names=bad_val_train"])
     (tmp_path / "train" / "images" / "003.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of the 8 images of the test set bad_val_train do not exist "
                                                 r"\(e\.g\. .*003\.png\); evaluation needs every one"):
-        launcher.prepare(cfg)
+        loops.prepare(cfg)

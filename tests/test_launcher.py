@@ -16,6 +16,7 @@ from detectron2.config import LazyConfig, instantiate
 
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
+from models.engine import loops
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "configs/test/tiny_mimdet.py"
@@ -114,11 +115,10 @@ def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path, 
 
 
 def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked():
-    import lazyconfig_train_net as launcher
 
     def dtypes(config, *overrides):
         cfg = load_config(config, ["train.device=cpu", *overrides])
-        return launcher.amp_dtype(cfg), launcher.amp_dtype(cfg, evaluation=True)
+        return loops.amp_dtype(cfg), loops.amp_dtype(cfg, evaluation=True)
 
     assert dtypes(VIT_B) == (torch.bfloat16, None)  # the COCO configs: autocast in training only
     assert dtypes(TINY) == (None, None)
@@ -131,16 +131,15 @@ def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked():
                          ids=["default_fp32", "explicit_autocast"])
 def test_evaluation_precision(toy, eval_autocast, dtype):
     """Training under autocast evaluates in fp32, as the original; train.amp.eval=True opts in."""
-    import lazyconfig_train_net as launcher
 
     _, overrides = toy
     chosen = [] if eval_autocast is None else [f"train.amp.eval={eval_autocast}"]
     cfg = load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True", *chosen,
                                       "model.roi_heads.box_predictor.test_topk_per_image=5"])
-    launcher.prepare(cfg, eval_only=True)
-    model = launcher.build_model(cfg)
+    loops.prepare(cfg, eval_only=True)
+    model = loops.build_model(cfg)
     seen = []
     model.roi_heads.box_predictor.register_forward_hook(lambda module, inputs, out: seen.append(out[0].dtype))
-    results = launcher.do_test(cfg, model)
+    results = loops.do_test(cfg, model)
     assert seen == [dtype] * 8
     assert {"bbox", "segm"} <= set(results)

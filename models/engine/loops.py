@@ -1,0 +1,227 @@
+"""The launcher's work, as a library: fit a config to the machine and its data, check what a
+run will start from, build the model, train with detectron2's hooks (resuming exactly), and
+evaluate. ``lazyconfig_train_net.py`` parses arguments and calls these.
+"""
+import contextlib
+import logging
+import os
+from typing import Optional
+
+import torch
+from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog
+from detectron2.engine import default_writers, hooks
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+
+from ..checkpoint import SCRATCH, load_mae_weights
+from ..data.datasets import check_dataset_files, register_coco_datasets, thing_classes
+from .trainer import MixedPrecisionTrainer, resolve_amp_dtype
+from ..data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
+from .resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
+from .sync_norm import sync_batchnorm_for_cpu
+
+
+logger = logging.getLogger("detectron2")
+
+
+def has_checkpoint(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds a checkpoint that ``--resume`` would continue from."""
+    return os.path.isdir(output_dir) and any(
+        name.startswith("model_") and name.endswith(".pth") for name in os.listdir(output_dir))
+
+
+def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: bool = False) -> None:
+    """Refuse, before any work, to start from weights that are missing or not the intended ones.
+
+    The COCO configs reach the paper's numbers only from MAE weights; a run that forgets
+    ``mae_checkpoint.path`` would spend days of GPU time in vain. So training with it unset is
+    an error naming the file the config needs, unless other weights are loaded (``--resume``
+    with a checkpoint in ``train.output_dir``, ``train.init_checkpoint``).
+    ``mae_checkpoint.path=scratch`` starts from random weights on purpose. ``--eval-only``
+    needs ``train.init_checkpoint``; files that will be read must exist.
+    """
+    init = cfg.train.get("init_checkpoint", "") or ""
+    if eval_only:
+        if not init:
+            raise ValueError("--eval-only evaluates train.init_checkpoint, which is not set: "
+                             "pass train.init_checkpoint=/path/to/model.pth")
+    elif resume and has_checkpoint(cfg.train.output_dir):
+        return  # the checkpoint's weights are loaded; MAE and init weights are not read
+    if init and not os.path.isfile(init):
+        raise FileNotFoundError(f"train.init_checkpoint={init}: no such file")
+    mae = cfg.get("mae_checkpoint", None)
+    if eval_only or mae is None:
+        return
+    path = mae.get("path", None)
+    if path == SCRATCH or (not path and init):
+        return
+    if not path:
+        needs = mae.get("needs", None) or "an MAE pre-training checkpoint"
+        again = f" (--resume found no checkpoint in {cfg.train.output_dir})" if resume else ""
+        raise ValueError(
+            f"mae_checkpoint.path is not set{again}: {config_file} trains from {needs}. Pass "
+            f"mae_checkpoint.path=/path/to/it, or mae_checkpoint.path={SCRATCH} to train from random weights "
+            f"on purpose (far below the paper's AP).")
+    if not os.path.isfile(str(path)):
+        hint = f" (mae_checkpoint.path={SCRATCH} trains from random weights)" if str(path).lower() in (
+            SCRATCH, "none", "null") else ""
+        raise FileNotFoundError(f"mae_checkpoint.path={path}: no such file{hint}")
+
+
+def amp_dtype(cfg, evaluation: bool = False) -> Optional[torch.dtype]:
+    """The autocast dtype of training (or of evaluation), None for fp32."""
+    enabled = cfg.train.amp.enabled
+    if evaluation and cfg.train.amp.get("eval", None) is not None:
+        enabled = cfg.train.amp.eval
+    return resolve_amp_dtype(enabled, cfg.train.amp.get("dtype", None), torch.device(cfg.train.device).type)
+
+
+def prepare(cfg, eval_only: bool = False) -> None:
+    """Fit the config to this machine and to its datasets (call after default_setup).
+
+    Checks the AMP settings and that the datasets' files exist; the number of classes
+    follows the training set (the test set with ``eval_only``).
+    """
+    if not torch.cuda.is_available() and cfg.train.device != "cpu":
+        logger.info("CUDA is not available: running on CPU (train.device=cpu).")
+        cfg.train.device = "cpu"
+    precision = [str(amp_dtype(cfg, evaluation=e) or "fp32").replace("torch.", "") for e in (False, True)]
+    if precision != ["fp32", "fp32"]:
+        logger.info("Mixed precision (train.amp) on %s: training %s, evaluation %s", cfg.train.device, *precision)
+    register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
+    for split in ["test"] if eval_only else ["train", "test"]:
+        check_dataset_files(cfg.dataloader[split].dataset.names)
+    roi_heads = cfg.model.get("roi_heads", None)
+    if roi_heads is not None and "num_classes" in roi_heads:
+        names = cfg.dataloader["test" if eval_only else "train"].dataset.names
+        classes = thing_classes(names)
+        if len(classes) != roi_heads.num_classes:
+            logger.info(
+                "Dataset %s has %d classes: model.roi_heads.num_classes %d -> %d",
+                names, len(classes), roi_heads.num_classes, len(classes),
+            )
+            roi_heads.num_classes = len(classes)
+    if cfg.dataloader.get("evaluator", None) is not None:  # detectron2's EvalHook also evaluates at the end
+        check_test_set(cfg, eval_only)
+
+
+def check_test_set(cfg, eval_only: bool) -> None:
+    """Fail before training, not at the first evaluation hours later, if the test set cannot be
+    evaluated: its classes differ from the training set's, or some of its images are missing."""
+    test_names = cfg.dataloader.test.dataset.names
+    if not eval_only:
+        train_classes, test_classes = thing_classes(cfg.dataloader.train.dataset.names), thing_classes(test_names)
+        if train_classes != test_classes:
+            raise ValueError(f"the test set {test_names} has classes {test_classes}, the training set "
+                             f"{cfg.dataloader.train.dataset.names} {train_classes}: they must be the same")
+    for name in [test_names] if isinstance(test_names, str) else test_names:
+        records = DatasetCatalog.get(name)
+        missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(records)} images of the test set {name} do not "
+                                    f"exist (e.g. {missing[0]}); evaluation needs every one")
+
+
+def do_test(cfg, model, seed: int = 0):
+    """Evaluate on ``dataloader.test`` with ``dataloader.evaluator``; print detectron2's tables.
+
+    Runs under autocast if ``train.amp`` says so; random token sampling (eval sample ratio
+    < 1) is seeded from ``seed``, so an evaluation gives the same result whenever it runs.
+    """
+    if cfg.dataloader.get("evaluator", None) is None:
+        return {}
+    seed_all_rng(derive_seed(seed, 3, comm.get_rank()))
+    dtype = amp_dtype(cfg, evaluation=True)
+    autocast = torch.autocast(torch.device(cfg.train.device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with autocast:
+        results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+    if comm.is_main_process():
+        print_csv_format(results)
+    return results
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """The model on ``train.device``; SyncBN made gloo-capable for several CPU processes."""
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    logger.info("Parameters: %d", sum(p.numel() for p in model.parameters()))
+    model = model.to(cfg.train.device)
+    if cfg.train.device == "cpu" and comm.get_world_size() > 1:
+        sync_batchnorm_for_cpu(model)
+    return model
+
+
+def wrap_ddp(cfg, model: torch.nn.Module) -> torch.nn.Module:
+    """DistributedDataParallel with ``train.ddp`` when there are several processes."""
+    kwargs = dict(cfg.train.ddp)
+    if cfg.train.device == "cpu":
+        kwargs["device_ids"] = None  # DDP of a CPU module
+    return create_ddp_model(model, **kwargs)
+
+
+def build_train_loader(cfg, seed: int, start_iter: int):
+    """``dataloader.train``, starting at ``start_iter`` of the stream that ``seed`` defines."""
+    loader = cfg.dataloader.train
+    if loader._target_ in (build_resumable_train_loader, "models.data.resumable.build_resumable_train_loader"):
+        loader.seed, loader.start_iter = seed, start_iter
+    elif start_iter:
+        logger.warning("dataloader.train is not build_resumable_train_loader: the resumed run sees other data "
+                       "than an uninterrupted one would")
+    return instantiate(loader)
+
+
+def do_train(args, cfg) -> None:
+    """Train with the hooks of detectron2's lazyconfig_train_net (timer, lr, eval, writers, checkpoint),
+    resuming exactly where the last readable checkpoint left off with ``--resume``."""
+    model = build_model(cfg)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    model = wrap_ddp(cfg, model)
+    checkpointer = ResumableCheckpointer(model, cfg.train.output_dir, optimizer=optimizer)
+    main = comm.is_main_process()
+    resume = checkpointer.find_resume_point() if args.resume else None
+    if args.resume and resume is None:
+        logger.info("--resume: no checkpoint in %s, starting a new run", cfg.train.output_dir)
+    if resume and main:  # before the writers open metrics.json
+        remove_partial_checkpoints(cfg.train.output_dir)
+        drop_metrics_after(cfg.train.output_dir, resume.iteration)
+    # The checkpoint holds the iteration that just finished: continue at the next one.
+    start_iter = resume.iteration + 1 if resume else 0
+    seed = resume.seed if resume and resume.seed is not None else run_seed(cfg.train.get("seed", -1))
+    checkpointer.seed = seed
+
+    trainer = MixedPrecisionTrainer(model, build_train_loader(cfg, seed, start_iter), optimizer,
+                                    amp_dtype=amp_dtype(cfg), device_type=torch.device(cfg.train.device).type,
+                                    clip_grad_norm=cfg.train.get("clip_grad_norm", None))
+    checkpointer.add_checkpointable("trainer", trainer)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            StepSeeds(seed),
+            MetricHistory(),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, seed)),
+            hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                                 period=cfg.train.log_period) if main else None,
+            # Last: a checkpoint is written once its step's evaluation and metrics are written.
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+        ]
+    )
+    if resume:
+        checkpointer.load(resume.path)
+    else:
+        load_mae_weights(model, cfg.mae_checkpoint.path)
+        checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def run_seed(seed: int) -> int:
+    """``train.seed``, or for -1 a random seed shared by all processes."""
+    if seed >= 0:
+        return seed
+    seed = int(comm.shared_random_seed())
+    logger.info("train.seed=-1: this run's seed is %d (kept in its checkpoints)", seed)
+    return seed
