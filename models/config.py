@@ -42,7 +42,9 @@ def apply_overrides(cfg, overrides: List[str]):
             raise ValueError(f"override '{override}': {key} is a group of keys {keys}, not a value; "
                              f"did you mean {key}.{likely}=...?")
         if isinstance(old, (bool, int, float)) and old is not None:
-            if isinstance(new, str) or isinstance(old, bool) != isinstance(new, bool):
+            whole = isinstance(old, int) and not isinstance(old, bool)
+            if (isinstance(new, str) or isinstance(old, bool) != isinstance(new, bool)
+                    or (whole and isinstance(new, float))):  # e.g. train.max_iter=3.5
                 raise ValueError(
                     f"override '{override}': {key} is {type(old).__name__} ({old!r}), got {new!r}"
                 )

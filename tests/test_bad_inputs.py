@@ -197,3 +197,20 @@ def test_a_test_set_that_cannot_be_evaluated_is_named_before_training(tmp_path, 
     with pytest.raises(FileNotFoundError, match=r"1 of the 8 images of the test set bad_val_train do not exist "
                                                 r"\(e\.g\. .*003\.png\); evaluation needs every one"):
         loops.prepare(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_iter=3.5", r"train.max_iter is int \(4\), got 3.5"),
+    ("dataloader.train.total_batch_size=2.5", r"dataloader.train.total_batch_size is int \(2\), got 2.5"),
+])
+def test_a_fraction_for_a_whole_number_is_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(TINY, [override])
+    assert load_config(TINY, ["optimizer.lr=1"]).optimizer.lr == 1  # a whole number for a float is fine
+
+
+@pytest.mark.parametrize("max_iter", [0, -5])
+def test_training_for_no_iterations_is_an_error(max_iter):
+    cfg = load_config(TINY, [f"train.max_iter={max_iter}"])
+    with pytest.raises(ValueError, match=rf"train.max_iter must be a positive number of iterations, got {max_iter}"):
+        loops.check_start_weights(cfg, TINY)

@@ -44,6 +44,8 @@ def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: 
     needs ``train.init_checkpoint``; files that will be read must exist.
     """
     init = cfg.train.get("init_checkpoint", "") or ""
+    if not eval_only and not cfg.train.max_iter > 0:
+        raise ValueError(f"train.max_iter must be a positive number of iterations, got {cfg.train.max_iter}")
     if eval_only:
         if not init:
             raise ValueError("--eval-only evaluates train.init_checkpoint, which is not set: "
