@@ -4,7 +4,7 @@
     python datasets/generate_shapes.py --out datasets/shapes --preview 4   # + annotated PNGs
 
 Writes ``OUT/{train,val}/*.png`` and ``OUT/annotations/instances_{train,val}.json``. The data
-are a function of the seed and sizes only; existing up-to-date splits are kept unless ``--force``.
+are a function of the random seed and the sizes only; existing up-to-date splits are kept unless ``--force``.
 """
 import argparse
 import logging
