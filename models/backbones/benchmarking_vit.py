@@ -23,6 +23,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .encoder import init_vit_weights
 from .pos_embed import resize_pos_table, sincos_table_mocov3
 
 __all__ = ["BenchmarkingViT", "RelativePositionBias", "relative_position_index", "window_partition",
@@ -180,14 +181,7 @@ class BenchmarkingViT(Backbone):
                 nn.init.zeros_(module.bias)
         weight = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(weight.data.view(weight.shape[0], -1))  # as MAE: a linear map of the patch
-        for module in self.blocks.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.blocks.apply(init_vit_weights)  # MAE's: the same leaves in the same order as before
 
     # MAE -> this backbone: the blocks and the 16x16 patch embedding. MAE's position table is
     # not used: the MoCo-v3 table stays, as in the original.

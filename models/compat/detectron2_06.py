@@ -344,8 +344,8 @@ def _panopticapi():
     return undo
 
 
-_CAFFE2_EXPORT_MODULES = ("api", "c10", "caffe2_export", "caffe2_inference", "caffe2_modeling", "caffe2_patch",
-                          "shared")
+# detectron2/export/*.py modules that import caffe2 at their top.
+_CAFFE2_EXPORT_MODULES = "api c10 caffe2_export caffe2_inference caffe2_modeling caffe2_patch shared".split()
 
 
 def _export_without_caffe2(module: types.ModuleType, error: ImportError) -> bool:
