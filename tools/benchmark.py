@@ -261,6 +261,17 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def resident_bytes(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Tuple[float, float]:
+    """Bytes that stay allocated between training steps: the parameters, and the optimizer's state
+    (AdamW: two moments per parameter). A training step's peak comes on top of these."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 0
+    if optimizer is not None:
+        state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if isinstance(t, torch.Tensor))
+    return float(params), float(state)
+
+
 def run_benchmark(args: argparse.Namespace) -> List[Cell]:
     """Measure every (sample ratio, dtype) cell of ``args``; return the cells in order."""
     device = torch.device(args.device)
@@ -344,6 +355,9 @@ def run_benchmark(args: argparse.Namespace) -> List[Cell]:
             print(profile_table(functools.partial(backbone_train_step, cell.sample_ratio, cell.dtype), device,
                                 cell.dtype, cell.sample_ratio, args.profile))
             model.zero_grad(set_to_none=True)
+    params, state = resident_bytes(model, optimizer)
+    logger.info("Resident between training steps (the peak columns come on top): parameters %.0f MiB, "
+                "optimizer state %.0f MiB", params / MIB, state / MIB)
     return cells
 
 
