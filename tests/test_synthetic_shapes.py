@@ -14,9 +14,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from models.data.synthetic_shapes import (
-    DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, register_shapes, render_image,
+    DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, is_simple_region, pixel_outline, register_shapes,
+    render_image,
 )
-from models.visualize import is_simple_region, trace_outline
 
 NUM_TRAIN, NUM_VAL = 16, 6
 
@@ -81,21 +81,24 @@ def test_polygons_rasterize_to_the_rendered_masks():
         for instance in instances:
             mask = instance["mask"]
             assert is_simple_region(mask) and mask.sum() >= config.min_area
-            rle = mask_util.frPyObjects([trace_outline(mask)], *mask.shape)
+            rle = mask_util.frPyObjects([pixel_outline(mask)], *mask.shape)
             assert np.array_equal(mask_util.decode(mask_util.merge(rle)).astype(bool), mask)
 
 
-def test_trace_outline_and_simple_regions():
+def test_pixel_outline_and_simple_regions():
     mask = np.zeros((6, 6), bool)
     mask[1:4, 1:3] = True
     mask[3, 3:5] = True  # an L
-    assert trace_outline(mask) == [3, 1, 3, 3, 5, 3, 5, 4, 1, 4, 1, 1]  # pixel corners, clockwise
+    assert pixel_outline(mask) == [3, 1, 3, 3, 5, 3, 5, 4, 1, 4, 1, 1]  # pixel corners, clockwise
     assert is_simple_region(mask)
     holed = np.ones((5, 5), bool)
     holed[2, 2] = False
     diagonal = np.eye(3, dtype=bool)
     assert not is_simple_region(holed) and not is_simple_region(diagonal)
     assert not is_simple_region(np.zeros((3, 3), bool))
+    for not_simple in (holed, diagonal):
+        with pytest.raises(ValueError, match="one 4-connected region without holes"):
+            pixel_outline(not_simple)
 
 
 def test_splits_are_disjoint_and_all_classes_appear(shapes):

@@ -8,8 +8,9 @@ index) only, so the same seed gives the same bytes.
 Masks are honest about occlusion: each instance's mask is what stays visible after the later
 shapes are drawn. A placement is refused (and retried elsewhere) if it would leave any shape
 less than ``min_visible_fraction`` visible, split it in two or punch a hole in it, so every
-visible region is one simple outline. That outline is traced along pixel edges and stored as
-a COCO polygon, which pycocotools rasterizes back to the same pixels; polygons are what
+visible region is one simple outline. That outline runs along pixel edges (the shapely union
+of the region's pixel rows) and is stored as a COCO polygon, which pycocotools rasterizes back
+to the same pixels; polygons are what
 detectron2's default ``instance_mask_format="polygon"`` reads (RLE would need "bitmask").
 ``bbox`` is tight around the visible pixels and ``area`` is their count.
 """
@@ -20,12 +21,13 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+import cv2
+import shapely
 from PIL import Image, ImageDraw
-
-from ..visualize import is_simple_region, trace_outline
+from shapely.geometry import box
 
 __all__ = ["SHAPE_CLASSES", "DATASET_NAMES", "ShapesConfig", "render_image", "generate_split",
-           "ensure_shapes", "register_shapes"]
+           "ensure_shapes", "register_shapes", "is_simple_region", "pixel_outline"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,42 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return low + np.clip(t, 0, 1)[..., None] * (high - low)
 
 
+def is_simple_region(mask: np.ndarray) -> bool:
+    """True if ``mask`` is one 4-connected region without holes: its background (padded by a
+    pixel all round) is one 8-connected region, the dual connectivity of the foreground's."""
+    if not mask.any():
+        return False
+    foreground, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
+    background, _ = cv2.connectedComponents(np.pad(~mask, 1, constant_values=True).astype(np.uint8),
+                                            connectivity=8)
+    return foreground == 2 and background == 2  # each count includes the other's label 0
+
+
+def pixel_outline(mask: np.ndarray) -> List[float]:
+    """Outline of a simple region (see ``is_simple_region``) along pixel edges, as a flat COCO
+    polygon ``[x0, y0, x1, y1, ...]`` that rasterizes back to exactly ``mask``.
+
+    The union (shapely) of one rectangle per horizontal run of pixels, with collinear vertices
+    removed. The ring is clockwise on screen (region on the right of each edge) and ends at the
+    top-left corner of the topmost row's leftmost pixel.
+    """
+    runs = []
+    for y, row in enumerate(mask):
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
+        runs += [box(x0, y, x1, y + 1) for x0, x1 in zip(edges[::2], edges[1::2])]
+    region = shapely.union_all(runs).simplify(0)
+    if region.geom_type != "Polygon" or region.interiors:
+        raise ValueError("pixel_outline needs one 4-connected region without holes")
+    corners = np.asarray(region.exterior.coords)[:-1]
+    if not shapely.LinearRing(corners).is_ccw:  # counter-clockwise in y-up axes is clockwise on screen
+        corners = corners[::-1]
+    top = np.flatnonzero(mask.any(1))[0]
+    start = (float(np.argmax(mask[top])), float(top))
+    last = next(i for i, corner in enumerate(corners) if tuple(corner) == start)
+    corners = np.roll(corners, len(corners) - 1 - last, axis=0)
+    return [float(v) for v in corners.ravel()]
+
+
 def _pick_color(rng: np.random.Generator, avoid: Sequence[np.ndarray], cfg: ShapesConfig) -> np.ndarray:
     """A colour far from every colour in ``avoid`` (the best of ``max_tries`` if none is far enough)."""
     candidates = rng.uniform(0, 255, (cfg.max_tries, 3))
@@ -150,7 +188,7 @@ def _annotation(instance: dict, image_id: int, annotation_id: int) -> dict:
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
     return {"id": annotation_id, "image_id": image_id, "category_id": instance["category"] + 1,
-            "bbox": bbox, "area": int(mask.sum()), "iscrowd": 0, "segmentation": [trace_outline(mask)]}
+            "bbox": bbox, "area": int(mask.sum()), "iscrowd": 0, "segmentation": [pixel_outline(mask)]}
 
 
 def _split_info(split: str, num_images: int, seed: int, cfg: ShapesConfig) -> dict:
