@@ -1,7 +1,7 @@
 """Fixtures shared by the test modules: the repository root, the released checkpoints' tables,
 and small generated COCO-format datasets.
 
-Everything a test reads lives in this repository: ``tests/data/interop/*.tsv`` list every
+Everything a test reads lives in this repository: ``tests/interop/*.tsv`` list every
 state-dict entry (name, shape, dtype) of the released MIMDet and Benchmarking-ViT detectors
 and of MAE's full pre-training checkpoints; their first line gives the entry count and the
 parameter count.
@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 
 REPO = Path(__file__).resolve().parents[1]
-INTEROP = Path(__file__).resolve().parent / "data" / "interop"
+INTEROP = Path(__file__).resolve().parent / "interop"
 sys.path.insert(0, str(REPO))  # lazyconfig_train_net.py is a script at the repository root
 
 
@@ -42,7 +42,7 @@ class InteropTable:
 
 
 def read_interop_table(name: str) -> InteropTable:
-    """Parse ``tests/data/interop/<name>``: a ``# N entries; ...: TOTAL`` line, then
+    """Parse ``tests/interop/<name>``: a ``# N entries; ...: TOTAL`` line, then
     ``name<TAB>(shape)<TAB>dtype`` rows. A missing file is an error, never a skip."""
     lines = (INTEROP / name).read_text().splitlines()
     header, rows = lines[0], [line.split("\t") for line in lines[1:] if line.strip()]

@@ -18,7 +18,7 @@ from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
 from models.engine import loops
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/test/tiny_mimdet.py"
 VIT_B = "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py"
 

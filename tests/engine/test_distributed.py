@@ -1,6 +1,6 @@
 """DDP without GPUs: lazyconfig_train_net.py with 2 gloo CPU processes, and under torchrun.
 
-Both ranks hold identical weights after every step (tests/fault_runner.py logs each rank's
+Both ranks hold identical weights after every step (tests/engine/fault_runner.py logs each rank's
 digest of its model state); the FPN's SyncBN runs as NaiveSyncBatchNorm over gloo; the
 evaluation gathers both ranks' predictions, and its AP equals a single-process evaluation of
 the same checkpoint on the same data.
@@ -15,7 +15,7 @@ import models  # noqa: F401  (before detectron2)
 import pytest
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/test/tiny_mimdet.py"
 
 ITERATIONS = 3
@@ -36,7 +36,7 @@ def toy(tmp_path_factory, toy_coco_writer):
     ]
 
 
-def run(*args: str, replica_log: Path = None, module=("tests/fault_runner.py",)) -> subprocess.CompletedProcess:
+def run(*args: str, replica_log: Path = None, module=("tests/engine/fault_runner.py",)) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     if replica_log:
         env["MIMDET_REPLICA_LOG"] = str(replica_log)

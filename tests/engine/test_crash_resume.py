@@ -1,4 +1,4 @@
-"""Crash safety of lazyconfig_train_net.py, with real SIGKILLs (tests/fault_runner.py).
+"""Crash safety of lazyconfig_train_net.py, with real SIGKILLs (tests/engine/fault_runner.py).
 
 A run of the tiny config is killed four times -- at the start of a step, halfway through
 writing a checkpoint, at a random moment from outside, and during its final evaluation --
@@ -22,7 +22,7 @@ import torch
 
 from models.checkpoint import load_checkpoint_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/test/tiny_mimdet.py"
 
 MAX_ITER = 10
@@ -46,7 +46,7 @@ def toy(tmp_path_factory, toy_coco_writer):
 
 
 def _command(output_dir: Path, overrides, resume: bool):
-    return [sys.executable, "tests/fault_runner.py", "--config-file", TINY, *(["--resume"] if resume else []),
+    return [sys.executable, "tests/engine/fault_runner.py", "--config-file", TINY, *(["--resume"] if resume else []),
             *overrides, f"train.output_dir={output_dir}"]
 
 

@@ -16,7 +16,7 @@ from detectron2.config import LazyConfig, instantiate
 from detectron2.export import TracingAdapter
 from detectron2.structures import Instances
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_masks")
 
 

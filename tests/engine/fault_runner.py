@@ -1,6 +1,6 @@
 """lazyconfig_train_net.py with faults injected, for the crash and distributed tests.
 
-    python tests/fault_runner.py <the launcher's arguments>
+    python tests/engine/fault_runner.py <the launcher's arguments>
 
 The faults are read from environment variables at import, so the processes the launcher
 spawns (which import this module again) carry them too:
@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import models  # noqa: E402,F401  (before detectron2)

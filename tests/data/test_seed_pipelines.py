@@ -20,7 +20,7 @@ from fvcore.transforms.transform import CropTransform
 
 from models.data.datasets import InstanceDatasetMapper, drop_degenerate_annotations
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIMDET = [f"configs/mimdet/mimdet_vit_{v}_mask_rcnn_fpn_sr_{r}_800_1333_4xdec_{f}coco_3x{b}.py"
           for v, r, f, b in [("base", "0p25", "", ""), ("base", "0p25", "", "_bs16"), ("base", "0p5", "", ""),
                              ("base", "0p5", "convfill_", ""), ("large", "0p5", "", ""),

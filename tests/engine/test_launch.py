@@ -10,7 +10,7 @@ import pytest
 import models  # noqa: F401
 from models.engine.launch import check_num_gpus, launch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _report(out_dir):

@@ -12,7 +12,7 @@ import torch
 import models  # noqa: F401  (applies the compatibility layer before detectron2 is imported)
 from models.compat import detectron2_06 as d2_compat
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_detectron2_imports_and_reports_version():
