@@ -28,6 +28,8 @@ def apply_overrides(cfg, overrides: List[str]):
         if not sep:
             raise ValueError(f"override '{override}' is not of the form key=value")
         key = key.strip().lstrip("+")
+        if not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override '{override}' has an empty key (or key part); write key.subkey=value")
         old = OmegaConf.select(cfg, key, default=_MISSING)
         if old is _MISSING:
             _check_new_key(cfg, key)
@@ -43,10 +45,11 @@ def apply_overrides(cfg, overrides: List[str]):
                              f"did you mean {key}.{likely}=...?")
         if isinstance(old, (bool, int, float)) and old is not None:
             whole = isinstance(old, int) and not isinstance(old, bool)
-            if (isinstance(new, str) or isinstance(old, bool) != isinstance(new, bool)
+            if (isinstance(new, str) or OmegaConf.is_config(new) or isinstance(old, bool) != isinstance(new, bool)
                     or (whole and isinstance(new, float))):  # e.g. train.max_iter=3.5
+                shown = OmegaConf.to_container(new) if OmegaConf.is_config(new) else new
                 raise ValueError(
-                    f"override '{override}': {key} is {type(old).__name__} ({old!r}), got {new!r}"
+                    f"override '{override}': {key} is {type(old).__name__} ({old!r}), got {shown!r}"
                 )
     return cfg
 

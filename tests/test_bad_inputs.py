@@ -212,5 +212,45 @@ def test_a_fraction_for_a_whole_number_is_named(override, message):
 @pytest.mark.parametrize("max_iter", [0, -5])
 def test_training_for_no_iterations_is_an_error(max_iter):
     cfg = load_config(TINY, [f"train.max_iter={max_iter}"])
-    with pytest.raises(ValueError, match=rf"train.max_iter must be a positive number of iterations, got {max_iter}"):
+    with pytest.raises(ValueError, match=rf"train.max_iter must be a whole number >= 1, got {max_iter}"):
         loops.check_start_weights(cfg, TINY)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("=5", r"override '=5' has an empty key"),
+    ("train..seed=5", r"override 'train..seed=5' has an empty key"),
+    ("train.max_iter=[1,2]", r"train.max_iter is int \(4\), got \[1, 2\]"),
+])
+def test_overrides_without_a_key_or_with_a_list_for_a_number_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(TINY, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.checkpointer.period=0", r"train.checkpointer.period must be a whole number >= 1, got 0"),
+    ("train.log_period=0", r"train.log_period must be a whole number >= 1, got 0"),
+    ("train.eval_period=-1", r"train.eval_period must be a whole number >= 0, got -1"),
+    ("train.clip_grad_norm=abc", r"train.clip_grad_norm must be null or a positive number, got 'abc'"),
+    ("train.clip_grad_norm=-1.0", r"train.clip_grad_norm must be null or a positive number, got -1.0"),
+    ("datasets.register=abc", r"datasets.register must be a list of dict\(name=, json_file=, image_root=\), got 'abc'"),
+    ("train.output_dir=null", r"train.output_dir must be a folder path, got None"),
+    ("train.checkpointer.max_to_keep=0", r"train.checkpointer.max_to_keep must be null or a whole number >= 1"),
+    ("dataloader.train.total_batch_size=0", r"dataloader.train.total_batch_size must be a whole number >= 1, got 0"),
+    ("optimizer=null", r"optimizer is missing or null; the launcher builds the run from it"),
+    ("lr_multiplier=null", r"lr_multiplier is missing or null"),
+    ("model.backbone.bottom_up=null", r"model.backbone.bottom_up is null"),
+    ("mae_checkpoint=null", r"mae_checkpoint is null; to train from random weights set mae_checkpoint.path=scratch"),
+])
+def test_config_values_the_launcher_cannot_use_are_named_before_any_work(override, message):
+    cfg = load_config(TINY, [override])
+    with pytest.raises(ValueError, match=message):
+        launcher.cli(["--config-file", TINY, override])
+    with pytest.raises(ValueError, match=message):
+        loops.check_start_weights(cfg, TINY, eval_only=True)
+
+
+def test_all_problems_of_a_config_are_listed_together():
+    cfg = load_config(TINY, ["train.log_period=0", "train.checkpointer.period=0", "train.clip_grad_norm=abc"])
+    with pytest.raises(ValueError) as error:
+        loops.check_start_weights(cfg, TINY)
+    assert str(error.value).count("\n  ") == 3

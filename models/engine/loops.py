@@ -15,6 +15,7 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from omegaconf import OmegaConf
 
 from ..checkpoint import SCRATCH, load_mae_weights
 from ..data.datasets import check_dataset_files, register_coco_datasets, thing_classes
@@ -33,6 +34,54 @@ def has_checkpoint(output_dir: str) -> bool:
         name.startswith("model_") and name.endswith(".pth") for name in os.listdir(output_dir))
 
 
+# Parts of a config the launcher builds from: none of them may be null.
+_REQUIRED_GROUPS = ("model", "model.backbone", "optimizer", "lr_multiplier", "dataloader", "dataloader.train",
+                    "dataloader.test", "train", "train.amp", "train.checkpointer", "train.ddp")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_train_config(cfg) -> None:
+    """Refuse, naming the key, values the launcher cannot use: they would otherwise fail with a
+    TypeError or ZeroDivisionError somewhere inside a run, or be ignored."""
+    for key in _REQUIRED_GROUPS:
+        if OmegaConf.select(cfg, key, default=None) is None:
+            raise ValueError(f"{key} is missing or null; the launcher builds the run from it")
+    if "bottom_up" in cfg.model.backbone and cfg.model.backbone.bottom_up is None:
+        raise ValueError("model.backbone.bottom_up is null; the launcher builds the run from it")
+    if "mae_checkpoint" in cfg and cfg.mae_checkpoint is None:
+        raise ValueError("mae_checkpoint is null; to train from random weights set mae_checkpoint.path=scratch")
+    train = cfg.train
+    problems = []
+    for key, low in (("max_iter", 1), ("log_period", 1), ("eval_period", 0)):
+        value = train.get(key, None)
+        if not _whole(value) or value < low:
+            problems.append(f"train.{key} must be a whole number >= {low}, got {value!r}")
+    period = train.checkpointer.get("period", None)
+    if not _whole(period) or period < 1:
+        problems.append(f"train.checkpointer.period must be a whole number >= 1, got {period!r}")
+    keep = train.checkpointer.get("max_to_keep", None)
+    if keep is not None and (not _whole(keep) or keep < 1):
+        problems.append(f"train.checkpointer.max_to_keep must be null or a whole number >= 1, got {keep!r}")
+    clip = train.get("clip_grad_norm", None)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+        problems.append(f"train.clip_grad_norm must be null or a positive number, got {clip!r}")
+    if not _whole(train.get("seed", -1)):
+        problems.append(f"train.seed must be a whole number (-1: random), got {train.get('seed')!r}")
+    if not isinstance(train.get("output_dir", None), str) or not train.output_dir.strip():
+        problems.append(f"train.output_dir must be a folder path, got {train.get('output_dir', None)!r}")
+    batch = cfg.dataloader.train.get("total_batch_size", None)
+    if batch is not None and (not _whole(batch) or batch < 1):
+        problems.append(f"dataloader.train.total_batch_size must be a whole number >= 1, got {batch!r}")
+    register = cfg.get("datasets", {}).get("register", []) if cfg.get("datasets", None) is not None else []
+    if register is not None and not (OmegaConf.is_list(register) or isinstance(register, (list, tuple))):
+        problems.append(f"datasets.register must be a list of dict(name=, json_file=, image_root=), got {register!r}")
+    if problems:
+        raise ValueError("config values the launcher cannot use:\n  " + "\n  ".join(problems))
+
+
 def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: bool = False) -> None:
     """Refuse, before any work, to start from weights that are missing or not the intended ones.
 
@@ -43,9 +92,8 @@ def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: 
     ``mae_checkpoint.path=scratch`` starts from random weights on purpose. ``--eval-only``
     needs ``train.init_checkpoint``; files that will be read must exist.
     """
+    check_train_config(cfg)
     init = cfg.train.get("init_checkpoint", "") or ""
-    if not eval_only and not cfg.train.max_iter > 0:
-        raise ValueError(f"train.max_iter must be a positive number of iterations, got {cfg.train.max_iter}")
     if eval_only:
         if not init:
             raise ValueError("--eval-only evaluates train.init_checkpoint, which is not set: "
