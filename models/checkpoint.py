@@ -1,4 +1,5 @@
-"""Checkpoints, safely: weights-only reads that refuse pickled code, atomic writes, MAE weights
+"""Checkpoints, safely: weights-only reads that refuse pickled code, atomic writes, a checksum
+of the contents in every checkpoint written here (verified on every read), MAE weights
 mapped onto the MIMDet / Benchmarking-ViT backbones by state-dict name (the released files' names), and
 :class:`SafeDetectionCheckpointer`, detectron2's checkpointer with all of that plus resizing
 of fixed position tables to the model's grid. The launcher calls :func:`load_mae_weights`
@@ -6,6 +7,7 @@ with ``mae_checkpoint.path``, then ``SafeDetectionCheckpointer`` with ``train.in
 """
 import argparse
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -24,7 +26,8 @@ from torch import nn
 from .backbones.pos_embed import resize_pos_table
 
 __all__ = [
-    "LoadReport", "load_checkpoint_file", "save_checkpoint_atomic", "write_atomic", "summarize_names",
+    "LoadReport", "load_checkpoint_file", "content_checksum", "CHECKSUM_KEY", "save_checkpoint_atomic",
+    "write_atomic", "summarize_names",
     "load_mae_into_backbone", "fixed_pos_tables", "load_mae_weights",
     "resize_pos_tables", "check_same_architecture", "SafeDetectionCheckpointer", "SCRATCH",
 ]
@@ -37,6 +40,8 @@ _SAFE_GLOBALS = [argparse.Namespace]
 _ALLOWED_GLOBAL_NAMES = {"argparse.Namespace"}
 _TENSOR_GLOBALS = ("torch.", "collections.OrderedDict")  # what torch's legacy format needs for tensors
 _FEW = 5
+# Key of the sha256 of a checkpoint's other contents (content_checksum), written by this project.
+CHECKSUM_KEY = "content_sha256"
 # Entries whose shape follows the number of classes: they may differ when fine-tuning on other data.
 _CLASS_DEPENDENT = ("roi_heads.box_predictor.", "roi_heads.mask_head.predictor.")
 # A detector checkpoint must cover at least this fraction of the model's values to be loaded.
@@ -87,11 +92,42 @@ def _refuse_code(path: str, names: Iterable[str]) -> None:
         )
 
 
+def _feed(digest, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, Mapping):
+        digest.update(f"dict {len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            digest.update(f"{key!r}:".encode())
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for item in obj:
+            _feed(digest, item)
+    else:
+        digest.update(f"{obj!r};".encode())
+
+
+def content_checksum(data: Mapping[str, Any]) -> str:
+    """sha256 of a checkpoint's contents (every tensor's bytes, dtype and shape, every other value's
+    repr, dict keys in sorted order), without its own ``CHECKSUM_KEY`` entry. A flipped bit in any
+    tensor changes it; unlike a hash of the file, it is the same however torch lays the file out."""
+    digest = hashlib.sha256()
+    _feed(digest, {key: value for key, value in data.items() if key != CHECKSUM_KEY})
+    return digest.hexdigest()
+
+
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Read a torch checkpoint on the CPU with ``weights_only=True``, allowing ``argparse.Namespace``.
 
+    A checkpoint written by this project carries ``CHECKSUM_KEY``; it is verified and removed.
+    Files without one (released checkpoints, other projects') load as they are.
+
     Raises FileNotFoundError if ``path`` is missing, ValueError if it is not a PyTorch
-    checkpoint, holds code (pickle globals other than tensors/containers/Namespace) or is not a dict.
+    checkpoint, holds code (pickle globals other than tensors/containers/Namespace), is not a
+    dict, or its contents do not match their checksum.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -114,6 +150,13 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         raise ValueError(f"{path} is not a PyTorch checkpoint that can be read safely ({first_line})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, found {type(data).__name__}")
+    if CHECKSUM_KEY in data:
+        expected = data.pop(CHECKSUM_KEY)
+        found = content_checksum(data)
+        if found != expected:
+            raise ValueError(f"{path}: its contents do not match the checksum written with them (sha256 "
+                             f"{str(expected)[:12]}... expected, {found[:12]}... found): the file was damaged or "
+                             "changed after it was saved")
     return data
 
 
@@ -343,7 +386,12 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             raise ValueError(f"{filename}: .pkl (Detectron/Caffe2 pickle) files are not supported, they can "
                              "run code when read; only PyTorch checkpoints (.pth/.pt) are")
         loaded = load_checkpoint_file(filename)
-        return loaded if "model" in loaded else {"model": loaded}
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        if not isinstance(loaded["model"], Mapping):
+            raise ValueError(f"{filename}: 'model' should map parameter names to tensors, found "
+                             f"{type(loaded['model']).__name__}")
+        return loaded
 
     def _load_model(self, checkpoint: Dict[str, Any]):
         _strip_prefix_if_present(checkpoint["model"], "module.")
@@ -359,6 +407,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
+        data[CHECKSUM_KEY] = content_checksum(data)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         os.makedirs(self.save_dir, exist_ok=True)

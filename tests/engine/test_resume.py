@@ -101,3 +101,53 @@ def test_metrics_after_the_checkpoint_and_a_cut_line_are_dropped(tmp_path):
     assert drop_metrics_after(str(tmp_path), 3) == 3
     assert (tmp_path / "metrics.json").read_text().splitlines() == lines[:4]
     assert drop_metrics_after(str(tmp_path / "absent"), 3) == 0
+
+
+def _flip_tensor_bytes(path, count=16):
+    """Flip ``count`` bytes in the middle of the largest tensor record of a torch zip checkpoint."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = (int.from_bytes(raw[info.header_offset + k:info.header_offset + k + 2], "little")
+                                 for k in (26, 28))
+    start = info.header_offset + 30 + name_length + extra_length + info.file_size // 2
+    for k in range(start, start + count):
+        raw[k] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_a_bit_flipped_checkpoint_is_skipped_on_resume_and_refused_as_weights(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    checkpointer = ResumableCheckpointer(model, str(tmp_path), seed=7)
+    checkpointer.save("model_0000001", iteration=1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    checkpointer.save("model_0000003", iteration=3)
+    newest = tmp_path / "model_0000003.pth"
+    _flip_tensor_bytes(newest)
+    # Without the checksum the damage would pass: the file still reads, with one tensor changed.
+    damaged = torch.load(newest, weights_only=True)
+    assert not torch.equal(damaged["model"]["weight"], model.weight)
+
+    with caplog.at_level(logging.WARNING, logger="models.engine.resume"):
+        point = ResumableCheckpointer(nn.Linear(64, 64), str(tmp_path)).find_resume_point()
+    assert (point.iteration, point.seed) == (1, 7)
+    assert "do not match the checksum written with them" in caplog.text and "skipping model_0000003.pth" in caplog.text
+    with pytest.raises(ValueError, match=r"model_0000003.pth: its contents do not match the checksum"):
+        ResumableCheckpointer(nn.Linear(64, 64)).load(str(newest))  # --eval-only, train.init_checkpoint
+
+
+def test_checkpoints_without_a_checksum_still_load_and_a_model_that_is_not_a_dict_is_named(tmp_path):
+    torch.manual_seed(0)
+    source = nn.Linear(3, 2)
+    torch.save({"model": source.state_dict()}, tmp_path / "released.pth")
+    target = nn.Linear(3, 2)
+    ResumableCheckpointer(target).load(str(tmp_path / "released.pth"))
+    assert torch.equal(target.weight, source.weight)
+    for bad in ([1, 2], torch.zeros(3)):
+        torch.save({"model": bad}, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match=r"bad.pth: 'model' should map parameter names to tensors, found "):
+            ResumableCheckpointer(nn.Linear(3, 2)).load(str(tmp_path / "bad.pth"))
