@@ -14,9 +14,13 @@ loaded before ``train.init_checkpoint``, which wins) and ``datasets.register`` (
 COCO-format datasets). Without CUDA it runs on the CPU; ``train.amp`` is bf16 autocast there.
 
 ``--resume`` continues from the newest readable checkpoint of ``train.output_dir`` exactly as
-the run would have gone on (models/engine/resume.py); without one it starts a new run.
+the run would have gone on (models/engine/resume.py); without one it starts a new run. A new
+run into a folder holding a previous one needs ``--overwrite``; one folder holds one live run
+(models/engine/run_folder.py).
 """
+import contextlib
 import logging
+import os
 from typing import List, Optional
 
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
@@ -26,8 +30,9 @@ from detectron2.utils.logger import setup_logger
 
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
-from models.engine.launch import launch
+from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
 from models.engine.loops import build_model, check_start_weights, do_test, do_train, prepare, run_seed, wrap_ddp
+from models.engine.run_folder import hold_run_folder
 
 logger = logging.getLogger("detectron2")
 
@@ -56,6 +61,9 @@ def build_parser():
     parser.add_argument("--master_port", default="", help="free port on the rank-0 machine")
     parser.add_argument("--num-cpu-processes", type=int, default=0,
                         help="CPU processes per machine (DDP over gloo, no GPU needed); overrides --num-gpus")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a train.output_dir that holds a previous one, deleting its "
+                             "checkpoints and metrics first")
     return parser
 
 
@@ -78,8 +86,15 @@ def cli(argv: Optional[List[str]] = None) -> None:
     resolve_dist_url(args, parser)
     cfg = load_config(args.config_file, args.opts)  # bad files and overrides fail here, before any process starts
     check_start_weights(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
+    if not args.num_cpu_processes and not all(v in os.environ for v in TORCHRUN_VARS):
+        check_num_gpus(args.num_gpus)
+    # One process per run holds the output folder: the launching one (rank 0 under torchrun).
+    holds_folder = args.machine_rank == 0 and os.environ.get("RANK", "0") == "0"
+    folder = hold_run_folder(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
+                             eval_only=args.eval_only) if holds_folder else contextlib.nullcontext()
+    with folder:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
 
 
 if __name__ == "__main__":

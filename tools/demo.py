@@ -57,7 +57,7 @@ def train(output: str, paths: Dict[str, Sequence[str]], opts: Sequence[str]) -> 
     command = [sys.executable, os.path.join(ROOT, "lazyconfig_train_net.py"), "--config-file", CONFIG]
     if os.path.isfile(os.path.join(output, "last_checkpoint")):
         logger.info("Continuing the demo run in %s (use --fresh to start over)", output)
-        command.append("--resume")
+    command.append("--resume")  # continues an interrupted demo; without a checkpoint it starts anew
     register = ",".join(f"{{name:shapes_{split},json_file:'{json_file}',image_root:'{image_root}'}}"
                         for split, (json_file, image_root) in paths.items())
     command += [f"train.output_dir={output}", f"datasets.register=[{register}]", *opts]

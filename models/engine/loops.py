@@ -235,6 +235,8 @@ def do_train(args, cfg) -> None:
     resume = checkpointer.find_resume_point() if args.resume else None
     if args.resume and resume is None:
         logger.info("--resume: no checkpoint in %s, starting a new run", cfg.train.output_dir)
+        if main:  # records of an attempt that never reached a checkpoint are redone
+            drop_metrics_after(cfg.train.output_dir, -1)
     if resume and main:  # before the writers open metrics.json
         remove_partial_checkpoints(cfg.train.output_dir)
         drop_metrics_after(cfg.train.output_dir, resume.iteration)

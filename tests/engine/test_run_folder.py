@@ -1,0 +1,76 @@
+"""models/engine/run_folder.py and the launcher: a fresh run never writes over a previous run,
+and a second launch on a folder in use fails at once, naming the process that holds it."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import models  # noqa: F401  (before detectron2)
+import pytest
+
+import lazyconfig_train_net as launcher
+from models.engine.run_folder import RunFolderBusy, hold_run_folder
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = "configs/test/tiny_mimdet.py"
+
+
+def _previous_run(folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"model_final.pth": b"weights", "last_checkpoint": b"model_final.pth",
+             "metrics.json": b'{"iteration": 3}\n'}
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return files
+
+
+def test_a_fresh_run_over_a_previous_one_is_refused_and_leaves_it_untouched(tmp_path):
+    files = _previous_run(tmp_path)
+    with pytest.raises(FileExistsError, match=r"holds a previous run \(last_checkpoint, metrics.json, model_final.pth\)"
+                                              r"\. Pass --resume to continue it, --overwrite"):
+        with hold_run_folder(str(tmp_path), resume=False, overwrite=False, eval_only=False):
+            pass
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    for resume, eval_only in ((True, False), (False, True)):  # continuing it or evaluating in it is fine
+        with hold_run_folder(str(tmp_path), resume=resume, overwrite=False, eval_only=eval_only):
+            pass
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+def test_overwrite_deletes_the_previous_run_first(tmp_path):
+    _previous_run(tmp_path)
+    (tmp_path / "log.txt").write_text("kept")
+    with hold_run_folder(str(tmp_path), resume=False, overwrite=True, eval_only=False):
+        assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt"]
+
+
+def test_the_launcher_refuses_before_any_work(tmp_path):
+    _previous_run(tmp_path)
+    with pytest.raises(FileExistsError, match="holds a previous run"):
+        launcher.cli(["--config-file", TINY, f"train.output_dir={tmp_path}"])
+    assert (tmp_path / "model_final.pth").read_bytes() == b"weights"
+    assert launcher.build_parser().parse_args(["--overwrite"]).overwrite
+
+
+def test_a_second_launch_on_a_folder_in_use_fails_at_once_naming_the_holder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         f"sys.path.insert(0, {str(REPO)!r})\n"
+         "from models.engine.run_folder import hold_run_folder\n"
+         f"with hold_run_folder({str(tmp_path)!r}, resume=False, overwrite=False, eval_only=False):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.perf_counter()
+        with pytest.raises(RunFolderBusy, match=rf"{tmp_path} is in use by another run \(process {holder.pid}\)"):
+            launcher.cli(["--config-file", TINY, "--resume", f"train.output_dir={tmp_path}"])
+        assert time.perf_counter() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()
+    # the operating system released the killed holder's lock: the folder is free again
+    with hold_run_folder(str(tmp_path), resume=False, overwrite=False, eval_only=False):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
