@@ -21,7 +21,8 @@ from ..checkpoint import SCRATCH, load_mae_weights
 from ..data.datasets import check_dataset_files, register_coco_datasets, thing_classes
 from .trainer import MixedPrecisionTrainer, resolve_amp_dtype
 from ..data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
-from .resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
+from .resume import (MetricHistory, ResumableCheckpointer, check_resumed_config, drop_metrics_after, flatten_config,
+                     remove_partial_checkpoints)
 from .sync_norm import sync_batchnorm_for_cpu
 
 
@@ -226,13 +227,16 @@ def build_train_loader(cfg, seed: int, start_iter: int):
 def do_train(args, cfg) -> None:
     """Train with the hooks of detectron2's lazyconfig_train_net (timer, lr, eval, writers, checkpoint),
     resuming exactly where the last readable checkpoint left off with ``--resume``."""
+    settings = flatten_config(cfg)  # kept in every checkpoint, compared on --resume
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
     model = wrap_ddp(cfg, model)
-    checkpointer = ResumableCheckpointer(model, cfg.train.output_dir, optimizer=optimizer)
+    checkpointer = ResumableCheckpointer(model, cfg.train.output_dir, config=settings, optimizer=optimizer)
     main = comm.is_main_process()
     resume = checkpointer.find_resume_point() if args.resume else None
+    if resume:
+        check_resumed_config(resume.config, settings)
     if args.resume and resume is None:
         logger.info("--resume: no checkpoint in %s, starting a new run", cfg.train.output_dir)
         if main:  # records of an attempt that never reached a checkpoint are redone

@@ -12,20 +12,26 @@ trainer's iteration and hook states, and the run's seed. This module adds:
   the smoothed losses a resumed run writes are those of an uninterrupted run.
 * :func:`drop_metrics_after`: removes from ``metrics.json`` the records of iterations the
   killed run wrote after its last checkpoint (the resumed run writes them again).
+* :func:`check_resumed_config`: compares the config a checkpoint was written with to the
+  resuming run's config. A resumed run keeps its optimizer state (learning rate, weight
+  decay, betas, per-group multipliers), its seed and its classifier's shape, so a change to
+  ``optimizer.*``, ``train.seed`` or ``model.roi_heads.num_classes`` is an error that names
+  the old and new value; every other change takes effect and is logged as a warning.
 """
 import glob
 import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from detectron2.engine import HookBase
+from omegaconf import DictConfig, ListConfig
 
 from ..checkpoint import SafeDetectionCheckpointer, write_atomic
 
 __all__ = ["ResumePoint", "ResumableCheckpointer", "MetricHistory", "drop_metrics_after",
-           "remove_partial_checkpoints"]
+           "remove_partial_checkpoints", "flatten_config", "check_resumed_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +39,68 @@ _CHECKPOINTS = "model_*.pth"
 _PARTIAL_CHECKPOINTS = ".model_*.tmp"  # temporary files of interrupted atomic saves
 
 
+# Settings a resumed run cannot change: the optimizer's state and the run's seed come from the
+# checkpoint, and a classifier of another shape does not fit the optimizer's state.
+_FIXED_ON_RESUME = ("optimizer.", "train.seed", "model.roi_heads.num_classes")
+# Settings a resumed run does not read: its weights come from the checkpoint.
+_UNREAD_ON_RESUME = ("train.init_checkpoint", "mae_checkpoint.", "train.output_dir", "dataloader.evaluator.output_dir")
+
+
+def _leaf(value: Any) -> str:
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def flatten_config(cfg: Any, prefix: str = "") -> Dict[str, str]:
+    """``{"optimizer.lr": "0.0001", ...}``: every leaf of a LazyConfig as a string (callables by
+    their import path), the form in which checkpoints keep the config they were written with."""
+    flat: Dict[str, str] = {}
+    if isinstance(cfg, (DictConfig, Mapping)):
+        items = ((str(k), cfg[k]) for k in cfg.keys())
+    elif isinstance(cfg, (ListConfig, list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(cfg))
+    else:
+        return {prefix: _leaf(cfg)}
+    for key, value in items:
+        flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def check_resumed_config(saved: Optional[Mapping[str, str]], current: Mapping[str, str]) -> List[str]:
+    """Compare a checkpoint's config with the resuming run's; return the changed keys.
+
+    Raises ValueError listing every change that cannot take effect on resume (optimizer
+    settings, the seed, the number of classes); logs each other change as a warning.
+    """
+    if saved is None:
+        logger.info("The checkpoint holds no config (written by an older version): settings are not compared")
+        return []
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
+                     and not k.startswith(_UNREAD_ON_RESUME))
+    show = lambda key, config: config.get(key, "<absent>")  # noqa: E731
+    fixed = [k for k in changed if k.startswith(_FIXED_ON_RESUME)]
+    if fixed:
+        lines = "\n  ".join(f"{k}: {show(k, saved)} in the checkpoint, {show(k, current)} now" for k in fixed)
+        raise ValueError(
+            f"--resume cannot apply these changes (the optimizer's state, the seed and the classifier come from "
+            f"the checkpoint):\n  {lines}\nRestore them to resume, or start a new run from the checkpoint's weights "
+            f"with train.init_checkpoint=<checkpoint> in another train.output_dir.")
+    for key in changed:
+        logger.warning("--resume with a changed setting, which takes effect from here on: %s: %s -> %s",
+                       key, show(key, saved), show(key, current))
+    return changed
+
+
 @dataclass
 class ResumePoint:
     """A checkpoint to resume from: its path, the iteration it finished, the run's seed (None
-    in checkpoints written without one)."""
+    in checkpoints written without one) and its config (``flatten_config``; None if not kept)."""
 
     path: str
     iteration: int
     seed: Optional[int]
+    config: Optional[Dict[str, str]] = None
 
 
 class ResumableCheckpointer(SafeDetectionCheckpointer):
@@ -49,15 +109,19 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
     Args:
         model, save_dir, checkpointables: as detectron2's ``DetectionCheckpointer``.
         seed: the run's seed, written into every checkpoint (``ResumePoint.seed`` on resume).
+        config: the run's ``flatten_config``, written into every checkpoint (``ResumePoint.config``).
     """
 
-    def __init__(self, model, save_dir: str = "", *, seed: Optional[int] = None, **checkpointables: Any) -> None:
+    def __init__(self, model, save_dir: str = "", *, seed: Optional[int] = None,
+                 config: Optional[Dict[str, str]] = None, **checkpointables: Any) -> None:
         super().__init__(model, save_dir, **checkpointables)
         self.seed = seed
+        self.config = config
         self._read: Optional[Tuple[str, Dict[str, Any]]] = None  # the checkpoint validated by find_resume_point
 
     def save(self, name: str, **kwargs: Any) -> None:
-        super().save(name, **{"seed": self.seed, **kwargs})
+        extra = {"seed": self.seed} if self.config is None else {"seed": self.seed, "config": self.config}
+        super().save(name, **{**extra, **kwargs})
 
     def resume_candidates(self) -> List[str]:
         """The file ``last_checkpoint`` names, then every ``model_*.pth`` of ``save_dir``, newest first."""
@@ -89,7 +153,7 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
                 logger.warning("Resuming from the previous good checkpoint %s (iteration %d), skipping %s",
                                path, iteration, ", ".join(skipped))
             self._read = (path, data)
-            return ResumePoint(path, iteration, data.get("seed"))
+            return ResumePoint(path, iteration, data.get("seed"), data.get("config"))
         if candidates:
             raise RuntimeError(
                 f"--resume: none of the {len(candidates)} checkpoint(s) in {self.save_dir} can be read "

@@ -5,6 +5,7 @@ AP; plus the launcher's errors, and released-format checkpoints loading without 
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,24 @@ def test_resume_continues_at_next_iteration(toy, trained):
     result = launch("--num-gpus", "1", "--resume", *overrides, "train.max_iter=6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model_final.pth" in result.stdout + result.stderr  # resumed from it
+    assert ("--resume with a changed setting, which takes effect from here on: train.max_iter: 4 -> 6"
+            in result.stdout + result.stderr)
     assert iterations(output_dir) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("optimizer.lr=0.05", "optimizer.lr: 0.0001 in the checkpoint, 0.05 now"),
+    ("train.seed=3", "train.seed: -1 in the checkpoint, 3 now"),
+])
+def test_resume_refuses_changes_that_cannot_take_effect(toy, trained, tmp_path, change, message):
+    output_dir, overrides = toy
+    shutil.copytree(output_dir, tmp_path / "run")
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    result = launch("--num-gpus", "1", "--resume", *overrides, f"train.output_dir={tmp_path / 'run'}", change)
+    assert result.returncode != 0
+    assert "--resume cannot apply these changes" in result.stderr and message in result.stderr
+    assert "train.init_checkpoint=<checkpoint> in another train.output_dir" in result.stderr
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
 
 
 def test_eval_only_prints_ap(toy, trained):

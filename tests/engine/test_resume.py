@@ -151,3 +151,23 @@ def test_checkpoints_without_a_checksum_still_load_and_a_model_that_is_not_a_dic
         torch.save({"model": bad}, tmp_path / "bad.pth")
         with pytest.raises(ValueError, match=r"bad.pth: 'model' should map parameter names to tensors, found "):
             ResumableCheckpointer(nn.Linear(3, 2)).load(str(tmp_path / "bad.pth"))
+
+
+def test_resumed_config_changes_are_errors_or_warnings_key_by_key(caplog):
+    from models.config import load_config
+    from models.engine.resume import check_resumed_config, flatten_config
+
+    tiny = "configs/test/tiny_mimdet.py"
+    saved = flatten_config(load_config(tiny))
+    assert saved["optimizer.lr"] == "0.0001" and saved["model.roi_heads.num_classes"] == "80"
+    assert saved["dataloader.train.mapper.augmentations.0._target_"].endswith("RandomFlip")
+    for change, key in [("model.roi_heads.num_classes=3", "model.roi_heads.num_classes: 80 in the checkpoint, 3 now"),
+                        ("optimizer.weight_decay=0.5", "optimizer.weight_decay: 0.1 in the checkpoint, 0.5 now")]:
+        with pytest.raises(ValueError, match=key):
+            check_resumed_config(saved, flatten_config(load_config(tiny, [change])))
+    changes = ["train.max_iter=8", "train.clip_grad_norm=2.0", "train.init_checkpoint=/x.pth", "train.output_dir=/y"]
+    with caplog.at_level(logging.WARNING, logger="models.engine.resume"):
+        changed = check_resumed_config(saved, flatten_config(load_config(tiny, changes)))
+    assert changed == ["train.clip_grad_norm", "train.max_iter"]  # weights' sources and the folder are not read
+    assert "train.clip_grad_norm: None -> 2.0" in caplog.text and "train.max_iter: 4 -> 8" in caplog.text
+    assert check_resumed_config(None, saved) == []  # a checkpoint of an older version: nothing to compare
