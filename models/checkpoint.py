@@ -405,6 +405,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
+        diverged = [k for k, v in data["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if diverged:
+            raise FloatingPointError(f"not writing {name}.pth: the weights are not finite (NaN or inf in "
+                                     f"{_few(diverged)}); training has diverged")
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         data[CHECKSUM_KEY] = content_checksum(data)

@@ -3,6 +3,7 @@ run will start from, build the model, train with detectron2's hooks (resuming ex
 evaluate. ``lazyconfig_train_net.py`` parses arguments and calls these.
 """
 import contextlib
+import json
 import logging
 import os
 from typing import Optional
@@ -17,7 +18,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from omegaconf import OmegaConf
 
-from ..checkpoint import SCRATCH, load_mae_weights
+from ..checkpoint import SCRATCH, load_mae_weights, write_atomic
 from ..data.datasets import check_dataset_files, register_coco_datasets, thing_classes
 from .trainer import MixedPrecisionTrainer, resolve_amp_dtype
 from ..data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
@@ -27,6 +28,24 @@ from .sync_norm import sync_batchnorm_for_cpu
 
 
 logger = logging.getLogger("detectron2")
+
+
+DIVERGED = "DIVERGED.json"  # written into train.output_dir when a run stops on a non-finite loss
+
+
+def check_not_diverged(output_dir: str) -> None:
+    """Refuse to ``--resume`` a run that stopped on a non-finite loss: its newest checkpoint may
+    hold diverging weights, and resuming would repeat the same steps from them."""
+    path = os.path.join(output_dir, DIVERGED)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        record = json.load(f)
+    raise RuntimeError(
+        f"--resume: the run in {output_dir} stopped at iteration {record.get('iteration')} with a non-finite loss "
+        f"({record.get('error')}). Its newest checkpoint may hold diverging weights, and resuming would repeat the "
+        f"same steps. Start a new run from an earlier checkpoint with other settings (train.init_checkpoint="
+        f"{output_dir}/model_<iteration>.pth and another train.output_dir), or delete {path} to resume anyway.")
 
 
 def has_checkpoint(output_dir: str) -> bool:
@@ -100,6 +119,7 @@ def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: 
             raise ValueError("--eval-only evaluates train.init_checkpoint, which is not set: "
                              "pass train.init_checkpoint=/path/to/model.pth")
     elif resume and has_checkpoint(cfg.train.output_dir):
+        check_not_diverged(cfg.train.output_dir)
         return  # the checkpoint's weights are loaded; MAE and init weights are not read
     if init and not os.path.isfile(init):
         raise FileNotFoundError(f"train.init_checkpoint={init}: no such file")
@@ -271,7 +291,13 @@ def do_train(args, cfg) -> None:
     else:
         load_mae_weights(model, cfg.mae_checkpoint.path)
         checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
-    trainer.train(start_iter, cfg.train.max_iter)
+    try:
+        trainer.train(start_iter, cfg.train.max_iter)
+    except FloatingPointError as e:  # detectron2's and our non-finite checks
+        if main:
+            record = {"iteration": trainer.iter, "error": str(e).splitlines()[0]}
+            write_atomic(os.path.join(cfg.train.output_dir, DIVERGED), lambda f: f.write(json.dumps(record).encode()))
+        raise
 
 
 def run_seed(seed: int) -> int:

@@ -22,7 +22,7 @@ __all__ = ["previous_run_files", "hold_run_folder", "RunFolderBusy"]
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
-_RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "events.out.tfevents.*")
+_RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "events.out.tfevents.*", "DIVERGED.json")
 
 
 class RunFolderBusy(RuntimeError):

@@ -9,7 +9,7 @@ import time
 from typing import Mapping, Optional
 
 import torch
-from detectron2.engine import SimpleTrainer
+from detectron2.engine import SimpleTrainer, hooks
 from detectron2.utils import comm
 
 __all__ = ["MixedPrecisionTrainer", "resolve_amp_dtype", "check_finite_losses"]
@@ -79,7 +79,18 @@ class MixedPrecisionTrainer(SimpleTrainer):
         use_scaler = amp_dtype is torch.float16
         self.grad_scaler = torch.amp.GradScaler(device_type, enabled=use_scaler) if use_scaler else None
 
+    def train(self, start_iter: int, max_iter: int) -> None:
+        self.stopped_by = None  # the exception that ended the training loop, if any
+        super().train(start_iter, max_iter)
+
     def run_step(self) -> None:
+        try:
+            self._run_step()
+        except BaseException as e:  # a non-finite loss, out of memory, Ctrl-C, ...
+            self.stopped_by = e
+            raise
+
+    def _run_step(self) -> None:
         assert self.model.training, "[MixedPrecisionTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
@@ -117,7 +128,18 @@ class MixedPrecisionTrainer(SimpleTrainer):
         # detectron2 counts one past max_iter; its final evaluation belongs to max_iter, as in the
         # run that was interrupted.
         self.iter = min(self.iter, self.max_iter)
-        super().after_train()
+        if getattr(self, "stopped_by", None) is None:
+            super().after_train()
+            return
+        # A step failed (at the last iteration too): the weights are not those of a finished
+        # run, so there is no final evaluation and no final checkpoint to mistake for one.
+        skipped = (hooks.EvalHook, hooks.PeriodicCheckpointer)
+        logger.error("Training stopped at iteration %d by %s: no final evaluation and no final checkpoint",
+                     self.iter, type(self.stopped_by).__name__)
+        self.storage.iter = self.iter
+        for hook in self._hooks:
+            if not isinstance(hook, skipped):
+                hook.after_train()
 
     def state_dict(self):
         state = super().state_dict()

@@ -173,3 +173,30 @@ def test_non_finite_loss_stops_naming_iteration_and_terms_and_keeps_the_last_che
     assert last_checkpoint(output_dir) == "model_0000001.pth"
     good = load_checkpoint_file(output_dir / "model_0000001.pth")
     assert good["iteration"] == 1 and all(torch.isfinite(v).all() for v in good["model"].values())
+
+
+def test_a_non_finite_loss_at_the_last_iteration_writes_no_final_evaluation_or_checkpoint(toy, tmp_path):
+    output_dir = tmp_path / "nan_last"
+    result = run(output_dir, toy, resume=False, MIMDET_NAN_AT=str(MAX_ITER - 1))
+    assert result.returncode != 0
+    assert f"non-finite loss at iteration {MAX_ITER - 1}" in result.log
+    assert f"Training stopped at iteration {MAX_ITER - 1} by FloatingPointError: no final evaluation" in result.log
+    assert result.log.count("Evaluation results for bbox") == 1  # the periodic one at iteration 5 only
+    assert not (output_dir / "model_final.pth").exists() and last_checkpoint(output_dir) == "model_0000007.pth"
+    records = [json.loads(line) for line in (output_dir / "metrics.json").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "bbox/AP" in r] == [4]
+
+
+def test_a_diverged_run_is_not_resumed_from_its_diverging_checkpoint(toy, tmp_path):
+    output_dir = tmp_path / "diverged"
+    result = run(output_dir, [*toy, "optimizer.lr=1e30", "train.checkpointer.period=1"], resume=False)
+    assert result.returncode != 0 and "FloatingPointError" in result.log
+    record = json.loads((output_dir / "DIVERGED.json").read_text())
+    assert record["iteration"] >= 1 and record["error"]
+    checkpoints = sorted(output_dir.glob("model_*.pth"))
+    assert checkpoints  # written while the loss was still finite
+    resumed = run(output_dir, [*toy, "optimizer.lr=1e30", "train.checkpointer.period=1"], resume=True)
+    assert resumed.returncode != 0
+    assert (f"--resume: the run in {output_dir} stopped at iteration {record['iteration']} with a non-finite loss"
+            in resumed.log)
+    assert "Starting training" not in resumed.log and sorted(output_dir.glob("model_*.pth")) == checkpoints

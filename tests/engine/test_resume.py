@@ -171,3 +171,13 @@ def test_resumed_config_changes_are_errors_or_warnings_key_by_key(caplog):
     assert changed == ["train.clip_grad_norm", "train.max_iter"]  # weights' sources and the folder are not read
     assert "train.clip_grad_norm: None -> 2.0" in caplog.text and "train.max_iter: 4 -> 8" in caplog.text
     assert check_resumed_config(None, saved) == []  # a checkpoint of an older version: nothing to compare
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    checkpointer, model = _checkpointer(tmp_path)
+    with torch.no_grad():
+        model.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"not writing model_0000002.pth: the weights are not finite "
+                                                 r"\(NaN or inf in bias\)"):
+        checkpointer.save("model_0000002", iteration=2)
+    assert not list(tmp_path.iterdir())
