@@ -289,11 +289,32 @@ def _lr_scheduler_hook_saves_torch2_schedulers(module: types.ModuleType) -> None
     hook.state_dict, hook.load_state_dict = state_dict, load_state_dict
 
 
+def _high_bit_depth_images_scale_to_8_bits(module: types.ModuleType) -> None:
+    """detectron2's ``convert_PIL_to_numpy`` converts with Pillow's ``convert("RGB")``, which clips
+    16-bit grayscale pixels (PNG modes ``I;16``, ``I``) at 255: such images came out all white, in
+    training and in inference alike. They are scaled to 8 bits first (v / 257, 65535 -> 255)."""
+    original = module.convert_PIL_to_numpy
+    if getattr(original, "_scales_high_bit_depth", False):
+        return
+    from PIL import Image
+
+    @functools.wraps(original)
+    def convert_PIL_to_numpy(image, format):
+        if image.mode.startswith("I;16") or image.mode == "I":
+            values = numpy.asarray(image, dtype=numpy.float64) / 257.0
+            image = Image.fromarray(numpy.clip(numpy.rint(values), 0, 255).astype(numpy.uint8))
+        return original(image, format)
+
+    convert_PIL_to_numpy._scales_high_bit_depth = True
+    module.convert_PIL_to_numpy = convert_PIL_to_numpy
+
+
 _BEFORE: Dict[str, Callable[[], Optional[Callable[[], None]]]] = {}
 _AFTER: Dict[str, Callable[[types.ModuleType], None]] = {
     "detectron2.evaluation.coco_evaluation": _coco_evaluator_without_fast_impl,
     "detectron2.data.common": _map_dataset_samples_sets,
     "detectron2.engine.hooks": _lr_scheduler_hook_saves_torch2_schedulers,
+    "detectron2.data.detection_utils": _high_bit_depth_images_scale_to_8_bits,
 }
 
 

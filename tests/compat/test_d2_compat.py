@@ -348,3 +348,22 @@ def test_panoptic_deeplab_gets_rgb2id_only_for_its_import():
     np.testing.assert_array_equal(ids, [[1 + 2 * 256 + 3 * 256**2, 256**3 - 1]])
     assert dataset_mapper.rgb2id([1, 2, 3]) == 1 + 2 * 256 + 3 * 256**2
     assert "panopticapi" not in sys.modules and "panopticapi.utils" not in sys.modules
+
+
+@pytest.mark.parametrize("writer", ["pillow", "opencv"])
+def test_16_bit_grayscale_images_are_scaled_not_clipped_to_white(tmp_path, writer):
+    from detectron2.data.detection_utils import read_image
+    from PIL import Image
+
+    import cv2
+
+    values = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+    path = tmp_path / "sixteen_bit.png"
+    Image.fromarray(values).save(path) if writer == "pillow" else cv2.imwrite(str(path), values)
+    assert Image.open(path).mode in ("I;16", "I")
+    expected = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    for image_format in ("BGR", "RGB"):
+        image = read_image(str(path), format=image_format)
+        assert image.shape == (48, 64, 3) and image.dtype == np.uint8
+        assert all(np.array_equal(image[..., c], expected) for c in range(3))
+    assert (image == 255).mean() < 0.01  # detectron2 alone clipped every pixel above 255 to white
