@@ -14,10 +14,12 @@ fvcore's crop take only polygons). :class:`InstanceDatasetMapper` is detectron2'
 ``DatasetMapper`` that drops, with a counted warning, any annotation its transforms still
 cannot handle.
 """
+import collections
+import json
 import logging
 import math
 import os
-from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -32,6 +34,8 @@ __all__ = [
     "register_coco_datasets",
     "thing_classes",
     "check_dataset_files",
+    "validate_coco_json",
+    "check_image_sizes",
     "drop_degenerate_annotations",
     "InstanceDatasetMapper",
 ]
@@ -111,6 +115,142 @@ def check_dataset_files(names: Union[str, Sequence[str]]) -> None:
             raise FileNotFoundError(f"dataset '{name}': annotation file {json_file} does not exist{where}")
         if image_root and not os.path.isdir(image_root):
             raise FileNotFoundError(f"dataset '{name}': image folder {image_root} does not exist{where}")
+
+
+_EXAMPLES = 3
+
+
+class _Problems:
+    """Problems of one json, grouped by kind: each counted, the first few ids kept as examples."""
+
+    def __init__(self) -> None:
+        self.counts: Dict[str, int] = collections.Counter()
+        self.examples: Dict[str, List[str]] = collections.defaultdict(list)
+
+    def add(self, kind: str, example: Any) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < _EXAMPLES:
+            self.examples[kind].append(str(example))
+
+    def report(self) -> str:
+        return "\n".join(f"  {count} x {kind} (e.g. {', '.join(self.examples[kind])})"
+                         for kind, count in self.counts.items())
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) -> None:
+    """Check a COCO-format json once, before any work, and list every problem at once.
+
+    What would stop a run mid-way or silently corrupt it is an error: the file is not JSON or
+    lacks ``images``/``annotations``/``categories``; an image without ``id``, ``file_name`` or a
+    positive ``height``/``width``; duplicate image, annotation or category ids (one image
+    would take another's annotations); an annotation without a known ``image_id``, a 4-number
+    ``bbox`` or a known ``category_id``. A set used for evaluation also needs what pycocotools
+    reads: ``area``, ``iscrowd`` and polygons of 3 or more points. (Degenerate boxes and
+    polygons of a training set are dropped with a count later, see
+    :func:`drop_degenerate_annotations`.) Raises ValueError naming the dataset and the file,
+    each kind of problem with its count and example ids.
+    """
+    where = f"dataset '{name}' ({json_file})"
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not a text (JSON) file: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a COCO json object with images, annotations and categories, "
+                         f"found a {type(data).__name__}")
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
+    if missing:
+        raise ValueError(f"{where}: no list of {', '.join(missing)} (a COCO instances json has images, "
+                         "annotations and categories)")
+    problems = _Problems()
+    categories = collections.Counter()
+    for category in data["categories"]:
+        if not isinstance(category, dict) or "id" not in category or "name" not in category:
+            problems.add("categories without id or name", category)
+        else:
+            categories[category["id"]] += 1
+    for category_id, count in categories.items():
+        if count > 1:
+            problems.add("duplicate category ids", category_id)
+    images = collections.Counter()
+    for number, image in enumerate(data["images"]):
+        if not isinstance(image, dict):
+            problems.add("images that are not objects", f"#{number}")
+            continue
+        which = image.get("id", f"#{number}")
+        lacking = [key for key in ("id", "file_name", "height", "width") if key not in image]
+        if lacking:
+            problems.add(f"images without {'/'.join(lacking)}", f"image {which}")
+        for key in ("height", "width"):
+            if key in image and not (isinstance(image[key], int) and not isinstance(image[key], bool)
+                                     and image[key] > 0):
+                problems.add(f"images whose {key} is not a positive whole number", f"image {which}: {image[key]!r}")
+        if "id" in image:
+            images[image["id"]] += 1
+    for image_id, count in images.items():
+        if count > 1:
+            problems.add("duplicate image ids (one image would take another's annotations)", f"image {image_id}")
+    annotations = collections.Counter()
+    for number, annotation in enumerate(data["annotations"]):
+        if not isinstance(annotation, dict):
+            problems.add("annotations that are not objects", f"#{number}")
+            continue
+        which = f"annotation {annotation.get('id', f'#{number}')}"
+        if "id" in annotation:
+            annotations[annotation["id"]] += 1
+        if annotation.get("image_id") not in images:
+            problems.add("annotations of an image id not in images", f"{which}: {annotation.get('image_id')!r}")
+        box = annotation.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+            problems.add("annotations without a bbox of 4 numbers", f"{which}: {box!r}")
+        if annotation.get("category_id") not in categories:
+            problems.add("annotations without a category_id of the categories",
+                         f"{which}: {annotation.get('category_id')!r}")
+        if not for_evaluation:
+            continue
+        if not _number(annotation.get("area")):
+            problems.add("annotations without an area (COCO evaluation reads it)", which)
+        if annotation.get("iscrowd") not in (0, 1, True, False):
+            problems.add("annotations without iscrowd 0 or 1 (COCO evaluation reads it)", which)
+        segmentation = annotation.get("segmentation")
+        if isinstance(segmentation, list) and any(
+                not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in segmentation):
+            problems.add("polygons of fewer than 3 points (pycocotools cannot rasterize them)", which)
+    for annotation_id, count in annotations.items():
+        if count > 1:
+            problems.add("duplicate annotation ids", f"annotation {annotation_id}")
+    if problems.counts:
+        raise ValueError(f"{where} has problems that would stop or corrupt the run; fix the json:\n"
+                         f"{problems.report()}")
+    if len(set(image.get("file_name") for image in data["images"] if isinstance(image, dict))) < len(images):
+        logger.warning("%s: several images share a file_name", where)
+
+
+def check_image_sizes(name: str, records: Sequence[Mapping]) -> None:
+    """Raise ValueError, listing them with a count, if image files are not the size their
+    records say (after their EXIF orientation, as detectron2 reads them). Reads headers only."""
+    from PIL import Image
+
+    wrong = _Problems()
+    for record in records:
+        with Image.open(record["file_name"]) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation: 5-8 swap the sides
+        if orientation in (5, 6, 7, 8):
+            width, height = height, width
+        if (height, width) != (record.get("height"), record.get("width")):
+            wrong.add("images of another size than the json says",
+                      f"{os.path.basename(record['file_name'])}: {height}x{width} read, "
+                      f"{record.get('height')}x{record.get('width')} in the json")
+    if wrong.counts:
+        raise ValueError(f"dataset '{name}': evaluation needs every image at its annotated size:\n{wrong.report()}")
 
 
 def _box_problem(annotation: Mapping) -> Optional[str]:

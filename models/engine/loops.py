@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 from detectron2.config import instantiate
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
@@ -19,7 +19,8 @@ from detectron2.utils.env import seed_all_rng
 from omegaconf import OmegaConf
 
 from ..checkpoint import SCRATCH, load_mae_weights, write_atomic
-from ..data.datasets import check_dataset_files, register_coco_datasets, thing_classes
+from ..data.datasets import (check_dataset_files, check_image_sizes, register_coco_datasets, thing_classes,
+                             validate_coco_json)
 from .trainer import MixedPrecisionTrainer, resolve_amp_dtype
 from ..data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
 from .resume import (MetricHistory, ResumableCheckpointer, check_resumed_config, drop_metrics_after, flatten_config,
@@ -163,8 +164,17 @@ def prepare(cfg, eval_only: bool = False) -> None:
     if precision != ["fp32", "fp32"]:
         logger.info("Mixed precision (train.amp) on %s: training %s, evaluation %s", cfg.train.device, *precision)
     register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
-    for split in ["test"] if eval_only else ["train", "test"]:
+    splits = ["test"] if eval_only else ["train", "test"]
+    for split in splits:
         check_dataset_files(cfg.dataloader[split].dataset.names)
+    validated = {}  # each json once, with the test set's stricter checks where it serves both
+    for split in reversed(splits):
+        names = cfg.dataloader[split].dataset.names
+        for name in [names] if isinstance(names, str) else names:
+            json_file = MetadataCatalog.get(name).get("json_file", None)
+            if json_file and name not in validated:
+                validate_coco_json(name, json_file, for_evaluation=split == "test")
+                validated[name] = split
     roi_heads = cfg.model.get("roi_heads", None)
     if roi_heads is not None and "num_classes" in roi_heads:
         names = cfg.dataloader["test" if eval_only else "train"].dataset.names
@@ -181,7 +191,8 @@ def prepare(cfg, eval_only: bool = False) -> None:
 
 def check_test_set(cfg, eval_only: bool) -> None:
     """Fail before training, not at the first evaluation hours later, if the test set cannot be
-    evaluated: its classes differ from the training set's, or some of its images are missing."""
+    evaluated: its classes differ from the training set's, some of its images are missing or
+    not the size its json says."""
     test_names = cfg.dataloader.test.dataset.names
     if not eval_only:
         train_classes, test_classes = thing_classes(cfg.dataloader.train.dataset.names), thing_classes(test_names)
@@ -194,6 +205,7 @@ def check_test_set(cfg, eval_only: bool) -> None:
         if missing:
             raise FileNotFoundError(f"{len(missing)} of the {len(records)} images of the test set {name} do not "
                                     f"exist (e.g. {missing[0]}); evaluation needs every one")
+        check_image_sizes(name, records)
 
 
 def do_test(cfg, model, seed: int = 0):

@@ -1,13 +1,21 @@
-"""models/data/datasets.py: COCO-format datasets from the config, their files, and degenerate annotations."""
+"""models/data/datasets.py: COCO-format datasets from the config, their files, their validation
+before any work, and degenerate annotations."""
+import json
 import logging
 import os
 
 import pytest
 
 import models  # noqa: F401  (before detectron2)
+from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
 
-from models.data.datasets import check_dataset_files, drop_degenerate_annotations, register_coco_datasets
+from models.config import load_config
+from models.data.datasets import (check_dataset_files, check_image_sizes, drop_degenerate_annotations,
+                                  register_coco_datasets, validate_coco_json)
+from models.engine import loops
+
+TINY = "configs/test/tiny_mimdet.py"
 
 SQUARE = [10, 10, 30, 10, 30, 30, 10, 30]
 
@@ -84,3 +92,79 @@ def test_the_resumable_train_loader_drops_them(caplog):
                                               aspect_ratio_grouping=False)
     assert "Dropped 1 of 4 training annotations" in caplog.text
     assert sorted(r["image_id"] for r in next(iter(loader))) == [0, 1, 3]
+
+
+def _broken_copy(json_file, edit):
+    data = json.loads(json_file.read_text())
+    edit(data)
+    broken = json_file.with_name("broken.json")
+    broken.write_text(json.dumps(data))
+    return broken
+
+
+def test_every_problem_of_a_json_is_listed_at_once_with_counts(tmp_path, toy_coco_writer):
+    json_file = toy_coco_writer(tmp_path)
+
+    def edit(data):
+        images, annotations = data["images"], data["annotations"]
+        images.append(dict(images[0], file_name="another.png"))  # a second image with id 1
+        del images[2]["height"]
+        del annotations[0]["bbox"], annotations[1]["category_id"]
+        annotations[2]["category_id"] = 5
+        annotations[3]["image_id"] = 999
+        annotations[4]["id"] = annotations[5]["id"]
+        del annotations[6]["area"]
+        annotations[7].pop("iscrowd")
+        annotations[8]["segmentation"] = [[1, 1, 5, 5]]  # 2 points: pycocotools cannot rasterize it
+
+    broken = _broken_copy(json_file, edit)
+    with pytest.raises(ValueError) as error:
+        validate_coco_json("broken", str(broken))
+    message = str(error.value)
+    assert message.startswith(f"dataset 'broken' ({broken}) has problems that would stop or corrupt the run")
+    for line in ["1 x duplicate image ids (one image would take another's annotations) (e.g. image 1)",
+                 "1 x images without height (e.g. image 3)",
+                 "1 x annotations without a bbox of 4 numbers (e.g. annotation 1: None)",
+                 "2 x annotations without a category_id of the categories (e.g. annotation 2: None, annotation 3: 5)",
+                 "1 x annotations of an image id not in images (e.g. annotation 4: 999)",
+                 "1 x duplicate annotation ids (e.g. annotation 6)"]:
+        assert f"  {line}" in message.splitlines()
+    assert "area" not in message and "fewer than 3 points" not in message  # a training set needs neither
+    with pytest.raises(ValueError) as error:
+        validate_coco_json("broken", str(broken), for_evaluation=True)
+    lines = str(error.value).splitlines()
+    for line in ["1 x annotations without an area (COCO evaluation reads it) (e.g. annotation 7)",
+                 "1 x annotations without iscrowd 0 or 1 (COCO evaluation reads it) (e.g. annotation 8)",
+                 "1 x polygons of fewer than 3 points (pycocotools cannot rasterize them) (e.g. annotation 9)"]:
+        assert f"  {line}" in lines
+    validate_coco_json("toy", str(json_file), for_evaluation=True)  # the clean original passes
+
+
+def test_a_json_that_is_not_json_is_named(tmp_path):
+    bad = tmp_path / "annotations.json"
+    bad.write_text('{"images": [], "annotations": [,]}')
+    with pytest.raises(ValueError, match=rf"dataset 'x' \({bad}\) is not valid JSON: Expecting value: line 1"):
+        validate_coco_json("x", str(bad))
+    bad.write_text('{"images": []}')
+    with pytest.raises(ValueError, match=r"no list of annotations, categories"):
+        validate_coco_json("x", str(bad))
+
+
+def test_the_launcher_validates_before_training(tmp_path, toy_coco_writer):
+    json_file = toy_coco_writer(tmp_path)
+    broken = _broken_copy(json_file, lambda data: data["images"][1].update(id=data["images"][0]["id"]))
+    register = f"datasets.register=[{{name:dup_ids,json_file:'{broken}',image_root:'{tmp_path / 'images'}'}}]"
+    cfg = load_config(TINY, [register, "dataloader.train.dataset.names=dup_ids",
+                             "dataloader.test.dataset.names=dup_ids"])
+    with pytest.raises(ValueError, match=r"1 x duplicate image ids"):
+        loops.prepare(cfg)
+
+
+def test_test_images_of_another_size_than_annotated_are_named(coco_quirks):
+    json_file, image_root = coco_quirks
+    records = load_coco_json(str(json_file), str(image_root))
+    check_image_sizes("quirks", records)  # an EXIF-rotated JPEG counts at its displayed size
+    rotated = next(r for r in records if r["file_name"].endswith("exif_rotated.jpg"))
+    rotated["height"], rotated["width"] = rotated["width"], rotated["height"]  # the stored, unrotated size
+    with pytest.raises(ValueError, match=r"1 x images of another size than the json says \(e.g. exif_rotated.jpg: "):
+        check_image_sizes("quirks", records)
