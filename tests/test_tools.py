@@ -201,3 +201,65 @@ def test_infer_with_a_mimdet_config_sees_every_token_and_repeats_exactly(setup, 
     message = _exit_message([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
                              "--checkpoint", str(checkpoint), "--sample-ratio", "1.5"])
     assert "--sample-ratio must be in (0, 1], got 1.5" in message
+
+
+def test_infer_results_equal_detectron2_postprocessing(setup):
+    """Masks pasted one at a time give exactly what detectron2's postprocessing gives."""
+    from detectron2.evaluation.coco_evaluation import instances_to_coco_json
+    from detectron2.data.detection_utils import read_image
+
+    config_file, checkpoint, paths = setup
+    cfg = infer.load_config(config_file)
+    model = infer.build_model(cfg, checkpoint, "cpu", score_threshold=0.0)
+    augmentations = infer.test_augmentations(cfg)
+    image_root = paths["val"][1]
+    for name in sorted(os.listdir(image_root)):
+        rgb = read_image(os.path.join(image_root, name), format="RGB")
+        ours = infer.coco_results(infer.predict(model, rgb, augmentations, "BGR", 0.0), 7, rgb.shape[:2])
+        aug_input = infer.T.AugInput(np.ascontiguousarray(rgb[:, :, ::-1]))
+        augmentations(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        with torch.no_grad():
+            reference = model([{"image": tensor, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]["instances"]
+        assert len(ours) == len(reference) > 0
+        assert ours == instances_to_coco_json(reference, 7)
+
+
+def test_infer_skips_an_image_it_cannot_process_and_keeps_the_others(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.full((1, 2000, 3), 128, np.uint8)).save(thin)
+    good = os.path.join(paths["val"][1], sorted(os.listdir(paths["val"][1]))[0])
+    args = [good, str(thin), "--config-file", config_file, "--checkpoint", checkpoint, "--output",
+            str(tmp_path / "o"), "--score-threshold", "0"]
+    message = _exit_message(args)
+    assert f"cannot process image {thin}: ValueError: the 1x2000 (height x width) image cannot be resized" in message
+    assert "--skip-unreadable" in message
+    first = json.loads((tmp_path / "o" / "results.json").read_text())  # written for the image before it
+    assert first and {r["file_name"] for r in first} == {os.path.basename(good)}
+    infer.main(args + ["--skip-unreadable"])
+    assert json.loads((tmp_path / "o" / "results.json").read_text()) == first
+
+
+def test_infer_on_an_8000_pixel_image_stays_under_2_gb(setup, tmp_path):
+    """detectron2's postprocessing pastes every mask at full size at once (50 x 64 MB here)."""
+    config_file, checkpoint, _ = setup
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 256, (500, 500, 3), dtype=np.uint8)
+    Image.fromarray(np.tile(tile, (16, 16, 1))).save(tmp_path / "huge.jpg", quality=80)
+    script = ("import resource, runpy, sys\n"
+              f"sys.argv = ['infer.py', {str(tmp_path / 'huge.jpg')!r}, '--config-file', {config_file!r}, "
+              f"'--checkpoint', {checkpoint!r}, '--output', {str(tmp_path / 'o')!r}, '--score-threshold', '0', "
+              "'--opts', 'model.roi_heads.box_predictor.test_topk_per_image=50']\n"
+              "try:\n"
+              f"    runpy.run_path({os.path.join(REPO, 'tools', 'infer.py')!r}, run_name='__main__')\n"
+              "finally:\n"
+              "    print('peak_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak_gib = int(out.stdout.split("peak_kib")[-1]) / 2 ** 20
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert len(results) == 50 and results[0]["segmentation"]["size"] == [8000, 8000]
+    assert peak_gib < 2.0, f"peak {peak_gib:.2f} GiB"
+    with Image.open(tmp_path / "o" / "huge.png") as drawing:
+        assert max(drawing.size) == infer.MAX_DRAWING_SIDE

@@ -24,12 +24,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402,F401  (detectron2 compatibility first)
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.config import instantiate  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json  # noqa: E402
+from detectron2.layers.mask_ops import paste_masks_in_image  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -43,6 +46,7 @@ logger = logging.getLogger("mimdet.infer")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 CLS_SCORE_WEIGHT = "roi_heads.box_predictor.cls_score.weight"
+MAX_DRAWING_SIDE = 2048  # larger images are drawn at this long side
 
 
 class InferenceError(Exception):
@@ -167,7 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="fraction of tokens a MIMDet ViT sees, in (0, 1]; 1.0 (the default) is deterministic")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--coco-json", help="ground-truth COCO json: take image ids and categories from it")
-    parser.add_argument("--skip-unreadable", action="store_true", help="warn about unreadable images, go on")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="warn about images that cannot be read or processed, and go on")
     parser.add_argument("--draw-min-size", type=int, default=512,
                         help="upscale drawings of smaller images until their short side is at least this")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
@@ -204,40 +209,94 @@ def run(args: argparse.Namespace) -> str:
     augmentations = test_augmentations(cfg)
     os.makedirs(args.output, exist_ok=True)
     results, images, used_names = [], [], set()
-    for path, image_id in zip(tqdm(paths, desc="infer", unit="img"), image_ids):
-        try:
-            rgb = read_image(path, format="RGB")
-        except Exception as e:
-            if not args.skip_unreadable:
-                raise InferenceError(f"cannot read image {path}: {e}") from e
-            logger.warning("Skipping unreadable image %s: %s", path, e)
-            continue
-        aug_input = T.AugInput(rgb if image_format == "RGB" else np.ascontiguousarray(rgb[:, :, ::-1]))
-        augmentations(aug_input)
-        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-        with torch.no_grad():
-            output = model([{"image": tensor, "height": rgb.shape[0], "width": rgb.shape[1]}])[0]
-        instances = output["instances"].to("cpu")
-        instances = instances[instances.scores >= args.score_threshold]
-        for result in instances_to_coco_json(instances, image_id):
-            result.update(category_id=category_ids[result["category_id"]], file_name=os.path.basename(path))
-            results.append(result)
-        images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
-                       "width": rgb.shape[1], "path": path})
-        masks = instances.pred_masks.numpy() if instances.has("pred_masks") else None
-        drawing = draw_instances(rgb, instances.pred_boxes.tensor.numpy(), instances.pred_classes.tolist(),
-                                 class_names, instances.scores.tolist(), masks, args.draw_min_size)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name = stem if stem not in used_names else f"{stem}_{len(images)}"
-        used_names.add(name)
-        Image.fromarray(drawing).save(os.path.join(args.output, f"{name}.png"))
-    results_file = os.path.join(args.output, "results.json")
-    with open(results_file, "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(args.output, "images.json"), "w") as f:
-        json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
-                                                     for i, n in enumerate(class_names)]}, f)
+    try:
+        for path, image_id in zip(tqdm(paths, desc="infer", unit="img"), image_ids):
+            try:
+                rgb = read_image(path, format="RGB")
+                instances = predict(model, rgb, augmentations, image_format, args.score_threshold)
+                image_results = coco_results(instances, image_id, rgb.shape[:2])
+                drawing = draw(rgb, instances, class_names, args.draw_min_size)
+            except Exception as e:  # noqa: BLE001  (one image must not lose the results of the others)
+                if not args.skip_unreadable:
+                    raise InferenceError(f"cannot process image {path}: {type(e).__name__}: {e} (use "
+                                         "--skip-unreadable to skip such images)") from e
+                logger.warning("Skipping image %s: %s: %s", path, type(e).__name__, e)
+                continue
+            for result in image_results:
+                result.update(category_id=category_ids[result["category_id"]], file_name=os.path.basename(path))
+            results += image_results
+            images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
+                           "width": rgb.shape[1], "path": path})
+            stem = os.path.splitext(os.path.basename(path))[0]
+            name = stem if stem not in used_names else f"{stem}_{len(images)}"
+            used_names.add(name)
+            Image.fromarray(drawing).save(os.path.join(args.output, f"{name}.png"))
+            del rgb, drawing
+    finally:  # the results of every image that worked, also when a later one stops the run
+        results_file = os.path.join(args.output, "results.json")
+        with open(results_file, "w") as f:
+            json.dump(results, f)
+        with open(os.path.join(args.output, "images.json"), "w") as f:
+            json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
+                                                         for i, n in enumerate(class_names)]}, f)
     return results_file
+
+
+def predict(model, rgb: np.ndarray, augmentations: T.AugmentationList, image_format: str,
+            score_threshold: float) -> Instances:
+    """Detections of one RGB image (H, W, 3), on the CPU: boxes in the image's pixels, masks as
+    the mask head's (N, 1, M, M) probabilities over their boxes, not yet pasted.
+
+    Pasting every mask at the image's full size at once, as detectron2's postprocessing does,
+    takes N x H x W bytes (6.4 GB for 100 masks of an 8000x8000 image); ``coco_results`` and
+    ``draw`` paste one mask at a time, or at the drawing's size.
+    """
+    aug_input = T.AugInput(rgb)  # resized first, so that a BGR model's channel flip copies the small image
+    try:
+        augmentations(aug_input)
+    except ValueError as e:  # a side that resizing would shrink below one pixel
+        raise ValueError(f"the {rgb.shape[0]}x{rgb.shape[1]} (height x width) image cannot be resized for the "
+                         f"model ({e})") from e
+    image = aug_input.image if image_format == "RGB" else aug_input.image[:, :, ::-1]
+    tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    inputs = [{"image": tensor, "height": tensor.shape[1], "width": tensor.shape[2]}]
+    with torch.no_grad():
+        instances = model.inference(inputs, do_postprocess=False)[0].to("cpu")
+    height, width = rgb.shape[:2]
+    instances.pred_boxes.scale(width / tensor.shape[2], height / tensor.shape[1])
+    instances.pred_boxes.clip((height, width))
+    instances = instances[instances.pred_boxes.nonempty() & (instances.scores >= score_threshold)]
+    return Instances((height, width), **instances.get_fields())
+
+
+def _paste(instances: Instances, size: Tuple[int, int], scale: float = 1.0) -> torch.Tensor:
+    boxes = instances.pred_boxes.clone()
+    boxes.scale(scale, scale)
+    return paste_masks_in_image(instances.pred_masks[:, 0], boxes, size, threshold=0.5)
+
+
+def coco_results(instances: Instances, image_id: int, size: Tuple[int, int]) -> List[dict]:
+    """COCO results (XYWH boxes, RLE masks at the image's size), pasting one mask at a time."""
+    results = []
+    for i in range(len(instances)):
+        one = instances[i:i + 1]
+        if one.has("pred_masks"):
+            one = Instances(size, pred_boxes=one.pred_boxes, scores=one.scores, pred_classes=one.pred_classes,
+                            pred_masks=_paste(one, size))
+        results += instances_to_coco_json(one, image_id)
+    return results
+
+
+def draw(rgb: np.ndarray, instances: Instances, class_names: Sequence[str], min_size: int) -> np.ndarray:
+    """The drawing of ``instances`` on ``rgb``; images beyond ``MAX_DRAWING_SIDE`` are drawn smaller."""
+    scale = min(1.0, MAX_DRAWING_SIDE / max(rgb.shape[:2]))
+    if scale < 1.0:
+        size = (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale))
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    boxes = instances.pred_boxes.tensor.numpy() * scale
+    masks = _paste(instances, rgb.shape[:2], scale).numpy() if instances.has("pred_masks") else None
+    return draw_instances(rgb, boxes, instances.pred_classes.tolist(), class_names, instances.scores.tolist(),
+                          masks, min_size)
 
 
 def main(argv=None) -> None:
