@@ -46,6 +46,7 @@ sys.path.insert(0, REPO)
 
 import models  # noqa: E402,F401  (detectron2 compatibility first)
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from detectron2.config import instantiate  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
@@ -259,6 +260,80 @@ def _autocast(device: torch.device, dtype: str):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
+
+
+class ReferenceBackbone(torch.nn.Module):
+    """A straightforward implementation of the same layers as a MIMDet backbone, for timing:
+    the conv stem as a plain ``nn.Sequential`` per stage, timm ``Block``s over the kept tokens,
+    MAE's decoder blocks over all tokens. Same widths, depths and token counts; no padding
+    handling, no position-table cache, no checkpoint mapping."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import Block
+
+        encoder, decoder = backbone.encoder, backbone.decoder
+        width = encoder.pos_embed.shape[-1]
+        decoder_width = decoder.decoder_pos_embed.shape[-1]
+        heads = encoder.blocks[0].attn.num_heads
+        decoder_heads = decoder.decoder_blocks[0].attn.num_heads
+        widths = [3, width // 8, width // 4, width // 2, width]
+        self.stem = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv2d(widths[i], widths[i + 1], 3, 2, 1, bias=False),
+                                torch.nn.GroupNorm(1, widths[i + 1], eps=1e-6), torch.nn.GELU())
+            for i in range(4))
+        self.stem[3].append(torch.nn.Conv2d(width, width, 1))
+        self.blocks = torch.nn.Sequential(*(Block(width, heads, 4.0, qkv_bias=True) for _ in encoder.blocks))
+        self.norm = torch.nn.LayerNorm(width)
+        self.decoder_embed = torch.nn.Linear(width, decoder_width)
+        self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, decoder_width))
+        self.decoder_blocks = torch.nn.Sequential(
+            *(Block(decoder_width, decoder_heads, 4.0, qkv_bias=True) for _ in decoder.decoder_blocks))
+        self.decoder_norm = torch.nn.LayerNorm(decoder_width)
+        self.sample_ratio = 1.0
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        maps, x = [], images
+        for stage in self.stem:
+            x = stage(x)
+            maps.append(x)
+        batch, width, grid_h, grid_w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        tokens = tokens + torch.zeros(1, grid_h * grid_w, width, device=x.device)  # a fixed position table
+        keep = max(1, int(tokens.shape[1] * self.sample_ratio))
+        ids_shuffle = torch.rand(batch, tokens.shape[1], device=x.device).argsort(1)
+        ids_restore = ids_shuffle.argsort(1)
+        kept = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, width))
+        latent = self.decoder_embed(self.norm(self.blocks(kept)))
+        full = torch.cat([latent, self.mask_token.expand(batch, tokens.shape[1] - keep, -1)], dim=1)
+        full = torch.gather(full, 1, ids_restore[..., None].expand(-1, -1, full.shape[-1]))
+        c4 = self.decoder_norm(self.decoder_blocks(full)).transpose(1, 2).reshape(batch, -1, grid_h, grid_w)
+        return {"c2": maps[1], "c3": maps[2], "c4": c4, "c5": F.max_pool2d(c4, 2)}
+
+
+def reference_comparison(backbone: torch.nn.Module, images: torch.Tensor, ratios: Sequence[float],
+                         dtypes: Sequence[str], device: torch.device, repeats: int, warmup: int) -> List[str]:
+    """Backbone fwd+bwd of ours against ``ReferenceBackbone``, interleaved; one line per cell."""
+    torch.manual_seed(0)
+    reference = ReferenceBackbone(backbone).to(device).train()
+
+    def step(model, ratio: float, dtype: str) -> None:
+        model.sample_ratio = ratio
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with _autocast(device, dtype):
+            loss = sum(f.float().mean() for f in model(images).values())
+        loss.backward()
+
+    cells = [(ratio, dtype) for ratio in ratios for dtype in dtypes]
+    steps = [functools.partial(step, model, r, d) for r, d in cells for model in (backbone, reference)]
+    medians = interleaved_medians(steps, device, repeats, warmup)
+    backbone.zero_grad(set_to_none=True)
+    lines = []
+    for (ratio, dtype), ours, theirs in zip(cells, medians[::2], medians[1::2]):
+        lines.append(f"backbone fwd+bwd at sample ratio {ratio:g}, {dtype}: ours {ours * 1e3:.0f} ms, plain reference "
+                     f"{theirs * 1e3:.0f} ms: ours / reference = {ours / theirs:.2f}x (target <= 1.00)")
+    return lines
 
 
 def resident_bytes(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> Tuple[float, float]:
@@ -492,6 +567,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="checkpoint stem, encoder and decoder activations (default: off)")
     parser.add_argument("--skip-detector", action="store_true", help="backbone figures only")
+    parser.add_argument("--reference", action="store_true",
+                        help="instead of the table: our backbone's fwd+bwd against a plain implementation of the "
+                             "same layers (ReferenceBackbone), per sample ratio and dtype")
     parser.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="ROWS",
                         help="also print torch.profiler's top operators of a backbone step per cell")
     parser.add_argument("--png", help="write a chart of the figures against the sample ratio here")
@@ -525,6 +603,18 @@ def main(argv=None) -> List[Cell]:
              f"{'on' if args.activation_checkpointing else 'off'}, median of {args.repeats} after {args.warmup} "
              f"warm-up")
     load_before = _load_average()
+    if args.reference:
+        device = torch.device(args.device)
+        cfg = load_benchmark_config(args.config_file, args.overrides, args.activation_checkpointing)
+        torch.manual_seed(0)
+        backbone = instantiate(cfg.model).backbone.bottom_up.to(device)
+        images = synthetic_images(args.batch_size, args.height, args.width, device).tensor
+        lines = reference_comparison(backbone, images, args.sample_ratios, args.dtypes, device, args.repeats,
+                                     args.warmup)
+        print("\n".join([title.replace("backbone and detector", "backbone against a plain reference")] + lines +
+                         [f"machine load (1-min load average, {os.cpu_count()} cores): {load_before} at start, "
+                          f"{_load_average()} at end"]))
+        return []
     cells = run_benchmark(args)
     load = (f"machine load (1-min load average, {os.cpu_count()} cores): {load_before} at start, "
             f"{_load_average()} at end")
