@@ -7,7 +7,6 @@ forwards its input to ``bottom_up`` unchanged). It also offers the LSJ post-proc
 the Benchmarking configs, where test images are resized with one scale and padded to a fixed
 square: predictions go back to the original image with that one factor on both axes.
 """
-import logging
 from typing import Dict, List, Optional
 
 import torch
@@ -19,7 +18,6 @@ from detectron2.utils.events import get_event_storage
 
 __all__ = ["GeneralizedRCNNImageListForward", "lsj_detector_postprocess", "head_norm"]
 
-logger = logging.getLogger(__name__)
 
 
 def head_norm(channels: int) -> NaiveSyncBatchNorm:

@@ -127,6 +127,13 @@ def register_overrides(name: str, json_file: Path, image_root: Path) -> List[str
             f"dataloader.train.dataset.names={name}", f"dataloader.test.dataset.names={name}"]
 
 
+@pytest.fixture(scope="session")
+def dataset_overrides() -> Callable[[str, Path, Path], List[str]]:
+    """``dataset_overrides(name, json_file, image_root)`` -> the launcher overrides that register
+    that COCO-format set and train and test on it."""
+    return register_overrides
+
+
 # --- a set with real COCO's quirks -----------------------------------------------------------
 
 QUIRK_CATEGORIES = [dict(id=1, name="disc"), dict(id=7, name="bar"), dict(id=90, name="arch")]

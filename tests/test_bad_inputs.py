@@ -21,13 +21,11 @@ TINY = "configs/test/tiny_mimdet.py"
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_coco_writer):
+def toy(tmp_path_factory, toy_coco_writer, dataset_overrides):
     root = tmp_path_factory.mktemp("toy_bad")
     json_file = toy_coco_writer(root)
     return root, [
-        f"datasets.register=[{{name:toy_bad,json_file:'{json_file}',image_root:'{root / 'images'}'}}]",
-        "dataloader.train.dataset.names=toy_bad",
-        "dataloader.test.dataset.names=toy_bad",
+        *dataset_overrides("toy_bad", json_file, root / "images"),
         f"train.output_dir={root / 'out'}",
     ]
 
@@ -111,16 +109,16 @@ def test_images_that_vanish_or_break_mid_training_are_skipped_and_counted_or_sto
         list(itertools.islice(iter(loops.build_train_loader(strict, seed=0, start_iter=0)), 4))
 
 
-SEED_CONFIGS = {  # config -> the MAE file its error names
+COCO_CONFIGS = {  # config -> the MAE file its error names
     "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py": "mae_pretrain_vit_base_full.pth",
     "configs/mimdet/mimdet_vit_large_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco_3x.py": "mae_pretrain_vit_large_full.pth",
     "configs/benchmarking/benchmarking_mask_rcnn_base_FPN_25ep_LSJ_mae.py": "mae_pretrain_vit_base.pth",
 }
 
 
-@pytest.mark.parametrize("config", list(SEED_CONFIGS), ids=["vit_b", "vit_l", "benchmarking"])
+@pytest.mark.parametrize("config", list(COCO_CONFIGS), ids=["vit_b", "vit_l", "benchmarking"])
 def test_training_a_seed_config_without_mae_weights_is_an_error(config):
-    needs = SEED_CONFIGS[config].replace(".", r"\.")
+    needs = COCO_CONFIGS[config].replace(".", r"\.")
     with pytest.raises(ValueError, match=rf"mae_checkpoint.path is not set: .*{needs}.*mae_checkpoint.path=scratch"):
         launcher.cli(["--config-file", config])
 
@@ -132,7 +130,7 @@ def _check(config, *argv):
 
 
 def test_the_mae_check_lets_other_starts_through_and_checks_files_first(tmp_path):
-    config = next(iter(SEED_CONFIGS))
+    config = next(iter(COCO_CONFIGS))
     weights, out = tmp_path / "weights.pth", tmp_path / "out"
     weights.write_bytes(b"")  # only its existence is checked before the run
     for argv in (["mae_checkpoint.path=scratch"], [f"mae_checkpoint.path={weights}"],

@@ -5,10 +5,11 @@ import os
 import models  # noqa: F401  (detectron2 compatibility first)
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from models.config import load_config
 from tools import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,7 @@ TINY_CONFIG = os.path.join(REPO, "configs", "test", "tiny_mimdet.py")
 @pytest.fixture(scope="module")
 def tiny_backbone():
     torch.manual_seed(0)
-    cfg = LazyConfig.load(TINY_CONFIG)
+    cfg = load_config(TINY_CONFIG)
     return instantiate(cfg.model.backbone.bottom_up)
 
 

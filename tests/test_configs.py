@@ -1,4 +1,5 @@
-"""Every seed config: loads, builds the full-size detector with the released layout, trains a step.
+"""Every COCO config (the original project's MIMDet and Benchmarking configs): loads, builds the
+full-size detector with the released layout, trains a step.
 
 Full-size models are built (a second or two each); forward/backward passes run on two small
 generated images with fewer RoIs, so the suite stays within CPU minutes.
@@ -9,11 +10,11 @@ from pathlib import Path
 import models  # noqa: F401  (before detectron2)
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.structures import Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-from models.config import apply_overrides
+from models.config import load_config
 from models.optim import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ FULL_SIZE = [
 
 
 def load(config: str, *overrides: str):
-    return apply_overrides(LazyConfig.load(str(REPO / config)), list(overrides))
+    return load_config(str(REPO / config), list(overrides))
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS)
@@ -51,7 +52,7 @@ def test_config_loads_with_launcher_keys(config):
     assert cfg.model.input_format == "RGB" and cfg.train.amp.enabled
 
 
-def test_mimdet_seed_deltas():
+def test_mimdet_config_deltas():
     assert load(VIT_B_05).model.backbone.bottom_up.sample_ratio == 0.5
     assert load(VIT_B_025).model.backbone.bottom_up.sample_ratio == 0.25
     bottom_up = load(VIT_L).model.backbone.bottom_up

@@ -1,5 +1,5 @@
-"""The README's own-data command at full size: a MIMDet ViT-B and a Benchmarking-ViT-B seed
-config each train 2 iterations (batch 2, CPU, the configs' bf16 autocast) on the COCO-quirks
+"""The README's own-data command at full size: the MIMDet ViT-B and Benchmarking-ViT-B COCO
+configs each train 2 iterations (batch 2, CPU, the configs' bf16 autocast) on the COCO-quirks
 set through ``lazyconfig_train_net.py``, loading a full-size MAE checkpoint (random weights,
 MAE's names), then evaluate and print detectron2's AP tables.
 

@@ -9,10 +9,11 @@ import models  # noqa: F401  (detectron2 compatibility first)
 import numpy as np
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from PIL import Image
 from pycocotools.coco import COCO
 
+from models.config import load_config
 from models.data.synthetic_shapes import SHAPE_CLASSES, ensure_shapes
 from tools import infer, plot_metrics
 
@@ -51,7 +52,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools")
     config_file = root / "tiny_r18.py"
     config_file.write_text(TINY_CONFIG)
-    cfg = LazyConfig.load(str(config_file))
+    cfg = load_config(str(config_file))
     cfg.model.roi_heads.num_classes = len(SHAPE_CLASSES)
     torch.manual_seed(0)
     checkpoint = root / "model.pth"
@@ -183,7 +184,7 @@ def test_plot_metrics_bad_inputs_are_named(tmp_path):
 def test_infer_with_a_mimdet_config_sees_every_token_and_repeats_exactly(setup, tmp_path, caplog):
     """The COCO configs train at sample ratio 0.5; inference uses 1.0 unless told otherwise."""
     _, _, paths = setup
-    cfg = LazyConfig.load(os.path.join(REPO, "configs/test/tiny_mimdet.py"))
+    cfg = load_config(os.path.join(REPO, "configs/test/tiny_mimdet.py"))
     cfg.model.roi_heads.num_classes = len(SHAPE_CLASSES)
     torch.manual_seed(0)
     checkpoint = tmp_path / "mimdet.pth"

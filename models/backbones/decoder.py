@@ -4,7 +4,6 @@ The encoder saw a random subset of tokens; the decoder fills the dropped positio
 every token back in image order, adds a fixed position table and runs the first blocks of
 MAE's pre-trained decoder ("4xdec"), giving a dense stride-16 feature map.
 """
-import logging
 from functools import partial
 from typing import Optional, Tuple
 
@@ -19,7 +18,6 @@ from .pos_embed import ResizedTableCache, sincos_table_mae
 
 __all__ = ["MAEDecoderCompletion", "FILL_MODES"]
 
-logger = logging.getLogger(__name__)
 
 # mask_token: MAE's learned mask token (MIMDet v1, the released configs'); conv_feature: a projection of
 # the stem's stride-16 features at the dropped positions (MIMDet v2).
@@ -37,18 +35,18 @@ class MAEDecoderCompletion(nn.Module):
         table_grid: grid (G, G) of the fixed position table, resized to each batch's grid.
         fill_mode: one of ``FILL_MODES``; ``conv_feature`` adds ``conv_feat_proj``
             (Linear D -> C) and has no ``mask_token``.
-        checkpoint_blocks: activation checkpointing of the blocks (training only).
+        use_act_checkpoint: activation checkpointing of the blocks (training only).
     """
 
     def __init__(self, *, embed_dim: int = 768, decoder_embed_dim: int = 512, depth: int = 4, num_heads: int = 16,
                  mlp_ratio: float = 4.0, norm_eps: float = 1e-5, table_grid: Tuple[int, int] = (50, 50),
-                 fill_mode: str = "mask_token", checkpoint_blocks: bool = False) -> None:
+                 fill_mode: str = "mask_token", use_act_checkpoint: bool = False) -> None:
         super().__init__()
         if fill_mode not in FILL_MODES:
             raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
         self.fill_mode = fill_mode
         self.table_grid = tuple(table_grid)
-        self.checkpoint_blocks = checkpoint_blocks
+        self.use_act_checkpoint = use_act_checkpoint
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         if fill_mode == "mask_token":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -100,7 +98,7 @@ class MAEDecoderCompletion(nn.Module):
             x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # image order
         # The fp32 table keeps the residual stream, and so c4, in fp32 under autocast (as the original).
         x = x + self.pos_table((grid_h, grid_w))
-        use_checkpoint = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        use_checkpoint = self.use_act_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.decoder_blocks:
             x = activation_checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
         x = self.decoder_norm(x)

@@ -4,7 +4,6 @@ Partial observation (the MIMDet paper): of the L tokens of the padded batch each
 ``int(L * sample_ratio)``, drawn uniformly from its real (non-padding) tokens first. The
 kept tokens go through the ViT blocks; the decoder later puts them back in image order.
 """
-import logging
 from functools import partial
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -18,7 +17,6 @@ from .pos_embed import ResizedTableCache, sincos_table_mae
 
 __all__ = ["PartialObservationEncoder", "EncoderOutput", "valid_token_mask", "sample_tokens", "init_vit_weights"]
 
-logger = logging.getLogger(__name__)
 
 # Noise given to padding tokens: above any uniform [0, 1) draw, so real tokens sort first.
 PADDING_NOISE = 100.0
@@ -93,12 +91,13 @@ class PartialObservationEncoder(nn.Module):
         embed_dim, depth, num_heads, mlp_ratio: ViT width, blocks, heads, MLP ratio.
         drop_path_rate: stochastic depth of the last block (rises linearly from 0).
         norm_eps: LayerNorm epsilon of the blocks and the final norm.
-        checkpoint_stem, checkpoint_blocks: activation checkpointing (training only).
+        use_act_checkpoint: recompute the stem stages and the blocks in the backward pass
+            (activation checkpointing; training only).
     """
 
     def __init__(self, *, img_size: int = 800, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, norm_eps: float = 1e-5,
-                 checkpoint_stem: bool = False, checkpoint_blocks: bool = False) -> None:
+                 use_act_checkpoint: bool = False) -> None:
         super().__init__()
         if patch_size != 16:
             raise ValueError(f"patch_size must be 16 (the conv stem has 4 stride-2 stages), got {patch_size}")
@@ -106,8 +105,8 @@ class PartialObservationEncoder(nn.Module):
             raise ValueError(f"img_size must be at least patch_size={patch_size}, got {img_size}")
         self.patch_size = patch_size
         self.table_grid = (img_size // patch_size, img_size // patch_size)
-        self.checkpoint_blocks = checkpoint_blocks
-        self.patch_embed = ConvStem(embed_dim, checkpoint=checkpoint_stem)
+        self.use_act_checkpoint = use_act_checkpoint
+        self.patch_embed = ConvStem(embed_dim, use_act_checkpoint=use_act_checkpoint)
         table = sincos_table_mae(embed_dim, *self.table_grid)[None]  # (1, 1 + G*G, D), cls slot first
         self.pos_embed = nn.Parameter(table, requires_grad=False)
         self._pos_tables = ResizedTableCache()
@@ -139,7 +138,7 @@ class PartialObservationEncoder(nn.Module):
 
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT blocks and the final norm on (B, N, D) tokens."""
-        use_checkpoint = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        use_checkpoint = self.use_act_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             tokens = activation_checkpoint(block, tokens, use_reentrant=False) if use_checkpoint else block(tokens)
         return self.norm(tokens)

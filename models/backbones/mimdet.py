@@ -66,11 +66,11 @@ class MIMDetBackbone(Backbone):
         self.encoder = PartialObservationEncoder(
             img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, norm_eps=norm_eps,
-            checkpoint_stem=use_act_checkpoint, checkpoint_blocks=use_act_checkpoint)
+            use_act_checkpoint=use_act_checkpoint)
         self.decoder = MAEDecoderCompletion(
             embed_dim=embed_dim, decoder_embed_dim=decoder_embed_dim, depth=decoder_depth,
             num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_eps=norm_eps,
-            table_grid=self.encoder.table_grid, fill_mode=fill_mode, checkpoint_blocks=use_act_checkpoint)
+            table_grid=self.encoder.table_grid, fill_mode=fill_mode, use_act_checkpoint=use_act_checkpoint)
         self._out_features = list(out_features)
         stem_channels = self.encoder.patch_embed.out_channels
         channels = {"c2": stem_channels[0], "c3": stem_channels[1], "c4": decoder_embed_dim, "c5": decoder_embed_dim}

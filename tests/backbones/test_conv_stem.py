@@ -40,7 +40,7 @@ def test_embed_dim_must_split_in_eighths():
 
 def test_checkpointing_gives_same_outputs_and_gradients():
     torch.manual_seed(0)
-    plain, checkpointed = ConvStem(embed_dim=32), ConvStem(embed_dim=32, checkpoint=True)
+    plain, checkpointed = ConvStem(embed_dim=32), ConvStem(embed_dim=32, use_act_checkpoint=True)
     checkpointed.load_state_dict(plain.state_dict())
     images = torch.randn(1, 3, 32, 64)
     grads = []

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import models  # noqa: F401  (applies the compatibility layer before detectron2 is imported)
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.export import TracingAdapter
 from detectron2.structures import Instances
+
+from models.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_masks")
@@ -23,7 +25,7 @@ FIELDS = ("pred_boxes", "scores", "pred_classes", "pred_masks")
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     """The tiny MIMDet Mask R-CNN with random weights, seeing every token, keeping every detection."""
-    cfg = LazyConfig.load(str(REPO / "configs/test/tiny_mimdet.py"))
+    cfg = load_config(str(REPO / "configs/test/tiny_mimdet.py"))
     bottom_up = cfg.model.backbone.bottom_up
     bottom_up.sample_ratio = bottom_up.eval_sample_ratio = 1.0  # no random token sampling
     # Random weights score every class about 1/81: without this threshold nothing would be compared.

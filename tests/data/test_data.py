@@ -150,12 +150,10 @@ def test_a_json_that_is_not_json_is_named(tmp_path):
         validate_coco_json("x", str(bad))
 
 
-def test_the_launcher_validates_before_training(tmp_path, toy_coco_writer):
+def test_the_launcher_validates_before_training(tmp_path, toy_coco_writer, dataset_overrides):
     json_file = toy_coco_writer(tmp_path)
     broken = _broken_copy(json_file, lambda data: data["images"][1].update(id=data["images"][0]["id"]))
-    register = f"datasets.register=[{{name:dup_ids,json_file:'{broken}',image_root:'{tmp_path / 'images'}'}}]"
-    cfg = load_config(TINY, [register, "dataloader.train.dataset.names=dup_ids",
-                             "dataloader.test.dataset.names=dup_ids"])
+    cfg = load_config(TINY, dataset_overrides("dup_ids", broken, tmp_path / "images"))
     with pytest.raises(ValueError, match=r"1 x duplicate image ids"):
         loops.prepare(cfg)
 

@@ -30,13 +30,11 @@ TIMING = {"time", "data_time", "eta_seconds"}  # wall-clock measurements differ 
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_coco_writer):
+def toy(tmp_path_factory, toy_coco_writer, dataset_overrides):
     root = tmp_path_factory.mktemp("toy_crash")
     json_file = toy_coco_writer(root)
     return [
-        f"datasets.register=[{{name:toy,json_file:'{json_file}',image_root:'{root / 'images'}'}}]",
-        "dataloader.train.dataset.names=toy",
-        "dataloader.test.dataset.names=toy",
+        *dataset_overrides("toy", json_file, root / "images"),
         "train.seed=5",
         f"train.max_iter={MAX_ITER}",
         "train.checkpointer.period=2",

@@ -13,7 +13,7 @@ from pathlib import Path
 import models  # noqa: F401  (before detectron2)
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
@@ -25,13 +25,11 @@ VIT_B = "configs/mimdet/mimdet_vit_base_mask_rcnn_fpn_sr_0p5_800_1333_4xdec_coco
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory, toy_coco_writer):
+def toy(tmp_path_factory, toy_coco_writer, dataset_overrides):
     root = tmp_path_factory.mktemp("toy_coco")
     json_file = toy_coco_writer(root)
     overrides = [
-        f"datasets.register=[{{name:toy,json_file:'{json_file}',image_root:'{root / 'images'}'}}]",
-        "dataloader.train.dataset.names=toy",
-        "dataloader.test.dataset.names=toy",
+        *dataset_overrides("toy", json_file, root / "images"),
         f"train.output_dir={root / 'out'}",
     ]
     return root / "out", overrides
@@ -124,7 +122,7 @@ def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path, 
     path = tmp_path / "mimdet_vit_base_released.pth"
     torch.save({"model": released}, path)
 
-    model = instantiate(LazyConfig.load(str(REPO / VIT_B)).model)
+    model = instantiate(load_config(str(REPO / VIT_B)).model)
     SafeDetectionCheckpointer(model).load(str(path))
     state = model.state_dict()
     assert set(state) == set(released)

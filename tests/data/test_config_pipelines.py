@@ -1,4 +1,4 @@
-"""Every seed config's own train and test mappers, augmentations untouched, on the COCO-quirks
+"""Every COCO config's own train and test mappers, augmentations untouched, on the COCO-quirks
 set (tests/conftest.py: category ids 1/7/90, a two-part object, arches a crop cuts in two,
 crowd RLE, a self-intersecting polygon, grayscale / RGBA / EXIF-rotated images, an image
 without annotations), drawn often enough, seeded, that the random crops really happen.
@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode, PolygonMasks
 from fvcore.transforms.transform import CropTransform
 
+from models.config import load_config
 from models.data.datasets import InstanceDatasetMapper, drop_degenerate_annotations
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,7 +70,7 @@ def _draw_all(mapper, records, draws: int):
 
 @pytest.mark.parametrize("config", MIMDET + BENCHMARKING, ids=lambda c: Path(c).stem)
 def test_train_mapper_keeps_boxes_masks_and_images_consistent(config, quirks):
-    cfg = LazyConfig.load(str(REPO / config))
+    cfg = load_config(str(REPO / config))
     mapper = instantiate(cfg.dataloader.train.mapper)
     assert isinstance(mapper, InstanceDatasetMapper)
     records = drop_degenerate_annotations([r for r in quirks if r["annotations"]])  # what the loader trains on
@@ -110,7 +111,7 @@ def test_train_mapper_keeps_boxes_masks_and_images_consistent(config, quirks):
 
 @pytest.mark.parametrize("config", [MIMDET[2], BENCHMARKING[0]], ids=["mimdet", "benchmarking"])
 def test_test_mapper_gives_three_channels_at_the_test_size(config, quirks):
-    cfg = LazyConfig.load(str(REPO / config))
+    cfg = load_config(str(REPO / config))
     mapper = instantiate(cfg.dataloader.test.mapper)
     for record in quirks:
         out = mapper(copy.deepcopy(record))
@@ -188,7 +189,7 @@ def test_integer_boxes_and_polygons_are_resized_without_truncation():
 def test_a_cropped_instance_keeps_its_annotated_box():
     """The original's mapper does not recompute boxes from masks: a crop clips the annotated
     box. The triangle's outline inside the crop is lower than its clipped box."""
-    cfg = LazyConfig.load(str(REPO / MIMDET[2]))
+    cfg = load_config(str(REPO / MIMDET[2]))
     mapper = instantiate(cfg.dataloader.train.mapper)
     record = dict(file_name="triangle.png", annotations=[dict(
         iscrowd=0, category_id=0, bbox=[0, 0, 60, 60], bbox_mode=BoxMode.XYWH_ABS,
