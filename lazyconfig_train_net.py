@@ -31,7 +31,8 @@ from detectron2.utils.logger import setup_logger
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
 from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
-from models.engine.loops import build_model, check_start_weights, do_test, do_train, prepare, run_seed, wrap_ddp
+from models.engine.loops import (build_model, check_classes, check_start_weights, do_test, do_train, prepare, run_seed,
+                                 wrap_ddp)
 from models.engine.run_folder import hold_run_folder
 
 logger = logging.getLogger("detectron2")
@@ -49,7 +50,8 @@ def main(args) -> Optional[dict]:
         do_train(args, cfg)
         return None
     model = wrap_ddp(cfg, build_model(cfg))
-    SafeDetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+    checkpointer = SafeDetectionCheckpointer(model, strict=True)  # every weight evaluated comes from the file
+    check_classes(checkpointer.load(cfg.train.init_checkpoint), cfg)
     return do_test(cfg, model, run_seed(cfg.train.get("seed", -1)))
 
 
@@ -90,8 +92,9 @@ def cli(argv: Optional[List[str]] = None) -> None:
         check_num_gpus(args.num_gpus)
     # One process per run holds the output folder: the launching one (rank 0 under torchrun).
     holds_folder = args.machine_rank == 0 and os.environ.get("RANK", "0") == "0"
+    starts_from = [str(cfg.train.get("init_checkpoint", "") or ""), str(cfg.get("mae_checkpoint", {}).get("path", ""))]
     folder = hold_run_folder(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
-                             eval_only=args.eval_only) if holds_folder else contextlib.nullcontext()
+                             eval_only=args.eval_only, keep=starts_from) if holds_folder else contextlib.nullcontext()
     with folder:
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)

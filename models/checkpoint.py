@@ -40,6 +40,9 @@ _SAFE_GLOBALS = [argparse.Namespace]
 _ALLOWED_GLOBAL_NAMES = {"argparse.Namespace"}
 _TENSOR_GLOBALS = ("torch.", "collections.OrderedDict")  # what torch's legacy format needs for tensors
 _FEW = 5
+# A parameter beyond this magnitude (or not finite) means training diverged: no trained network
+# has such weights, and a checkpoint of them is not written.
+DIVERGED_WEIGHT = 1e12
 # Key of the sha256 of a checkpoint's other contents (content_checksum), written by this project.
 CHECKSUM_KEY = "content_sha256"
 # Entries whose shape follows the number of classes: they may differ when fine-tuning on other data.
@@ -378,8 +381,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     position tables to the model's grid, refuses checkpoints of other architectures
     (:func:`check_same_architecture`) and writes checkpoints and ``last_checkpoint`` atomically.
 
-    Detectron/Caffe2 ``.pkl`` files are refused: plain pickles can run code.
+    Detectron/Caffe2 ``.pkl`` files are refused: plain pickles can run code. With ``strict``
+    (evaluation and inference), a checkpoint that leaves any model weight missing or of another
+    shape is an error instead of a warning: those weights would stay random.
     """
+
+    def __init__(self, model, save_dir: str = "", *, strict: bool = False, **checkpointables: Any) -> None:
+        super().__init__(model, save_dir, **checkpointables)
+        self.strict = strict
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
@@ -398,17 +407,26 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         model_state, tables = self.model.state_dict(), fixed_pos_tables(self.model)
         check_same_architecture(checkpoint["model"], model_state, tables)
         resize_pos_tables(checkpoint["model"], model_state, tables)
-        return super()._load_model(checkpoint)
+        incompatible = super()._load_model(checkpoint)
+        if self.strict and incompatible is not None and (incompatible.missing_keys or incompatible.incorrect_shapes):
+            wrong = [f"{key} {tuple(found)} in the file, {tuple(wanted)} in the model"
+                     for key, found, wanted in incompatible.incorrect_shapes]
+            missing = [k for k in incompatible.missing_keys if k not in {w[0] for w in incompatible.incorrect_shapes}]
+            raise ValueError("the checkpoint does not hold every weight of the model, which would stay random: "
+                             + "; ".join(filter(None, [f"missing {summarize_names(missing)}" if missing else "",
+                                                       f"other shapes: {_few(wrong)}" if wrong else ""])))
+        return incompatible
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Write ``<save_dir>/<name>.pth`` atomically, then point ``last_checkpoint`` at it."""
         if not self.save_dir or not self.save_to_disk:
             return
         data = {"model": self.model.state_dict()}
-        diverged = [k for k, v in data["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        diverged = [k for k, v in self.model.named_parameters()
+                    if not torch.isfinite(v).all() or v.detach().abs().max() > DIVERGED_WEIGHT]
         if diverged:
-            raise FloatingPointError(f"not writing {name}.pth: the weights are not finite (NaN or inf in "
-                                     f"{_few(diverged)}); training has diverged")
+            raise FloatingPointError(f"not writing {name}.pth: the weights are not finite or beyond "
+                                     f"{DIVERGED_WEIGHT:g} (in {_few(diverged)}); training has diverged")
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
         data[CHECKSUM_KEY] = content_checksum(data)

@@ -144,7 +144,7 @@ def build_model(cfg, checkpoint: str, device: str, score_threshold: float,
         if predictor is not None and "test_score_thresh" in predictor:
             predictor.test_score_thresh = min(predictor.test_score_thresh, score_threshold)
     model = instantiate(cfg.model).to(device).eval()
-    Checkpointer(model).load(checkpoint)
+    Checkpointer(model, strict=True).load(checkpoint)  # no weight left random
     bottom_up = getattr(getattr(model, "backbone", None), "bottom_up", None)
     if hasattr(bottom_up, "eval_sample_ratio"):
         bottom_up.eval_sample_ratio = sample_ratio

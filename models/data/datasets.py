@@ -148,8 +148,9 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
     lacks ``images``/``annotations``/``categories``; an image without ``id``, ``file_name`` or a
     positive ``height``/``width``; duplicate image, annotation or category ids (one image
     would take another's annotations); an annotation without a known ``image_id``, a 4-number
-    ``bbox`` or a known ``category_id``. A set used for evaluation also needs what pycocotools
-    reads: ``area``, ``iscrowd`` and polygons of 3 or more points. (Degenerate boxes and
+    ``bbox`` (that overlaps its image) or a known ``category_id``. A set used for evaluation also
+    needs what pycocotools reads: a non-negative ``area``, ``iscrowd`` and a segmentation (an RLE,
+    or polygons of 3 or more finite points). (Degenerate boxes and
     polygons of a training set are dropped with a count later, see
     :func:`drop_degenerate_annotations`.) Raises ValueError naming the dataset and the file,
     each kind of problem with its count and example ids.
@@ -180,6 +181,7 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if count > 1:
             problems.add("duplicate category ids", category_id)
     images = collections.Counter()
+    sizes = {}
     for number, image in enumerate(data["images"]):
         if not isinstance(image, dict):
             problems.add("images that are not objects", f"#{number}")
@@ -194,6 +196,7 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
                 problems.add(f"images whose {key} is not a positive whole number", f"image {which}: {image[key]!r}")
         if "id" in image:
             images[image["id"]] += 1
+            sizes[image["id"]] = (image.get("height"), image.get("width"))
     for image_id, count in images.items():
         if count > 1:
             problems.add("duplicate image ids (one image would take another's annotations)", f"image {image_id}")
@@ -210,19 +213,32 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         box = annotation.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
             problems.add("annotations without a bbox of 4 numbers", f"{which}: {box!r}")
+        elif annotation.get("image_id") in sizes:
+            height, width = sizes[annotation["image_id"]]
+            x, y, w, h = box
+            known = _number(height) and _number(width) and height > 0 and width > 0
+            if known and (x >= width or y >= height or x + w <= 0 or y + h <= 0):
+                problems.add("annotations whose bbox lies outside its image", f"{which}: {box!r}")
         if annotation.get("category_id") not in categories:
             problems.add("annotations without a category_id of the categories",
                          f"{which}: {annotation.get('category_id')!r}")
         if not for_evaluation:
             continue
-        if not _number(annotation.get("area")):
-            problems.add("annotations without an area (COCO evaluation reads it)", which)
+        if not _number(annotation.get("area")) or annotation["area"] < 0:
+            problems.add("annotations without a non-negative area (COCO evaluation reads it)", which)
         if annotation.get("iscrowd") not in (0, 1, True, False):
             problems.add("annotations without iscrowd 0 or 1 (COCO evaluation reads it)", which)
         segmentation = annotation.get("segmentation")
-        if isinstance(segmentation, list) and any(
-                not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in segmentation):
+        if isinstance(segmentation, dict):
+            if "counts" not in segmentation or "size" not in segmentation:
+                problems.add("RLE segmentations without counts and size", which)
+        elif not isinstance(segmentation, list) or not segmentation:
+            problems.add("annotations without a segmentation (mask evaluation reads it)", f"{which}: "
+                         f"{segmentation!r}")
+        elif any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in segmentation):
             problems.add("polygons of fewer than 3 points (pycocotools cannot rasterize them)", which)
+        elif not all(_number(v) for p in segmentation for v in p):
+            problems.add("polygons with coordinates that are not finite numbers", which)
     for annotation_id, count in annotations.items():
         if count > 1:
             problems.add("duplicate annotation ids", f"annotation {annotation_id}")

@@ -143,6 +143,16 @@ def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: 
         raise FileNotFoundError(f"mae_checkpoint.path={path}: no such file{hint}")
 
 
+def check_classes(extra: dict, cfg) -> None:
+    """With ``--eval-only``: the checkpoint's classes (kept by this project's checkpoints) must
+    be the test set's, or its classifier's outputs would be reported under other names."""
+    trained = (extra.get("config") or {}).get("classes")
+    names = cfg.dataloader.test.dataset.names
+    if trained is not None and trained != repr(thing_classes(names)):
+        raise ValueError(f"the checkpoint was trained on the classes {trained}, the test set {names} has "
+                         f"{thing_classes(names)}: its predictions would be scored under other names")
+
+
 def amp_dtype(cfg, evaluation: bool = False) -> Optional[torch.dtype]:
     """The autocast dtype of training (or of evaluation), None for fp32."""
     enabled = cfg.train.amp.enabled
@@ -260,6 +270,7 @@ def do_train(args, cfg) -> None:
     """Train with the hooks of detectron2's lazyconfig_train_net (timer, lr, eval, writers, checkpoint),
     resuming exactly where the last readable checkpoint left off with ``--resume``."""
     settings = flatten_config(cfg)  # kept in every checkpoint, compared on --resume
+    settings["classes"] = repr(thing_classes(cfg.dataloader.train.dataset.names))
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
@@ -269,6 +280,10 @@ def do_train(args, cfg) -> None:
     resume = checkpointer.find_resume_point() if args.resume else None
     if resume:
         check_resumed_config(resume.config, settings)
+        if resume.iteration + 1 > cfg.train.max_iter:
+            raise ValueError(f"--resume: {resume.path} holds {resume.iteration + 1} iterations, more than "
+                             f"train.max_iter={cfg.train.max_iter}; pass train.max_iter={resume.iteration + 1} "
+                             "or more")
     if args.resume and resume is None:
         logger.info("--resume: no checkpoint in %s, starting a new run", cfg.train.output_dir)
         if main:  # records of an attempt that never reached a checkpoint are redone

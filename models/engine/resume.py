@@ -14,9 +14,10 @@ trainer's iteration and hook states, and the run's seed. This module adds:
   killed run wrote after its last checkpoint (the resumed run writes them again).
 * :func:`check_resumed_config`: compares the config a checkpoint was written with to the
   resuming run's config. A resumed run keeps its optimizer state (learning rate, weight
-  decay, betas, per-group multipliers), its seed and its classifier's shape, so a change to
-  ``optimizer.*``, ``train.seed`` or ``model.roi_heads.num_classes`` is an error that names
-  the old and new value; every other change takes effect and is logged as a warning.
+  decay, betas, per-group multipliers), its seed and its classifier, so a change to
+  ``optimizer.*``, ``train.seed``, ``model.roi_heads.num_classes`` or the training set's class
+  names (``classes``) is an error that names the old and new value; every other change takes
+  effect and is logged as a warning.
 """
 import glob
 import json
@@ -41,7 +42,7 @@ _PARTIAL_CHECKPOINTS = ".model_*.tmp"  # temporary files of interrupted atomic s
 
 # Settings a resumed run cannot change: the optimizer's state and the run's seed come from the
 # checkpoint, and a classifier of another shape does not fit the optimizer's state.
-_FIXED_ON_RESUME = ("optimizer.", "train.seed", "model.roi_heads.num_classes")
+_FIXED_ON_RESUME = ("optimizer.", "train.seed", "model.roi_heads.num_classes", "classes")
 # Settings a resumed run does not read: its weights come from the checkpoint.
 _UNREAD_ON_RESUME = ("train.init_checkpoint", "mae_checkpoint.", "train.output_dir", "dataloader.evaluator.output_dir")
 

@@ -13,7 +13,7 @@ import contextlib
 import glob
 import logging
 import os
-from typing import Iterator, List
+from typing import Iterator, List, Sequence
 
 import portalocker
 
@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 _RUN_FILES = ("model_*.pth", "last_checkpoint", "metrics.json", "events.out.tfevents.*", "DIVERGED.json")
+# What marks a folder as holding a run: its checkpoints, or metrics it wrote. (A launch that
+# failed before its first iteration leaves an empty metrics.json and event file: no run.)
+_RUN_MARKS = ("model_*.pth", "last_checkpoint", "metrics.json")
 
 
 class RunFolderBusy(RuntimeError):
@@ -30,14 +33,21 @@ class RunFolderBusy(RuntimeError):
 
 
 def previous_run_files(output_dir: str) -> List[str]:
-    """Checkpoints, ``last_checkpoint``, ``metrics.json`` and event files a run left in ``output_dir``."""
+    """Checkpoints, ``last_checkpoint``, ``metrics.json`` and event files a run left in
+    ``output_dir``; empty if none of them shows a run (a checkpoint, or metrics written)."""
+    marks = [path for pattern in _RUN_MARKS for path in glob.glob(os.path.join(output_dir, pattern))
+             if os.path.getsize(path) > 0]
+    if not marks:
+        return []
     return sorted(path for pattern in _RUN_FILES for path in glob.glob(os.path.join(output_dir, pattern)))
 
 
 @contextlib.contextmanager
-def hold_run_folder(output_dir: str, *, resume: bool, overwrite: bool, eval_only: bool) -> Iterator[None]:
+def hold_run_folder(output_dir: str, *, resume: bool, overwrite: bool, eval_only: bool,
+                    keep: Sequence[str] = ()) -> Iterator[None]:
     """Lock ``output_dir`` for the body's duration, after refusing (or, with ``overwrite``,
-    clearing) a previous run in it when a fresh training run would write over it.
+    clearing) a previous run in it when a fresh training run would write over it. ``keep``: files
+    the run will read (its start weights); ``overwrite`` refuses to delete them.
 
     Raises:
         RunFolderBusy: another live process holds the folder.
@@ -66,6 +76,10 @@ def hold_run_folder(output_dir: str, *, resume: bool, overwrite: bool, eval_only
                 raise FileExistsError(
                     f"train.output_dir {output_dir} holds a previous run ({names}). Pass --resume to continue it, "
                     "--overwrite to delete it and start over there, or choose another train.output_dir")
+            needed = [p for p in previous if any(os.path.abspath(p) == os.path.abspath(k) for k in keep if k)]
+            if needed:
+                raise FileExistsError(f"--overwrite would delete {needed[0]}, which this run starts from; copy it "
+                                      "out of train.output_dir first, or choose another train.output_dir")
             for stale in previous:
                 os.remove(stale)
             if previous:

@@ -90,6 +90,13 @@ class MixedPrecisionTrainer(SimpleTrainer):
             self.stopped_by = e
             raise
 
+    def after_step(self) -> None:
+        try:
+            super().after_step()
+        except BaseException as e:  # a hook failed (a checkpoint of diverged weights, say)
+            self.stopped_by = e
+            raise
+
     def _run_step(self) -> None:
         assert self.model.training, "[MixedPrecisionTrainer] model was changed to eval mode!"
         start = time.perf_counter()

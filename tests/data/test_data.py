@@ -116,6 +116,10 @@ def test_every_problem_of_a_json_is_listed_at_once_with_counts(tmp_path, toy_coc
         del annotations[6]["area"]
         annotations[7].pop("iscrowd")
         annotations[8]["segmentation"] = [[1, 1, 5, 5]]  # 2 points: pycocotools cannot rasterize it
+        annotations[9]["segmentation"] = [[10, 10, float("nan"), 20, 30, 40]]
+        annotations[10]["segmentation"] = []
+        annotations[11]["area"] = -5
+        annotations[12]["bbox"] = [500, 500, 20, 30]  # the images are 128 x 128
 
     broken = _broken_copy(json_file, edit)
     with pytest.raises(ValueError) as error:
@@ -127,13 +131,17 @@ def test_every_problem_of_a_json_is_listed_at_once_with_counts(tmp_path, toy_coc
                  "1 x annotations without a bbox of 4 numbers (e.g. annotation 1: None)",
                  "2 x annotations without a category_id of the categories (e.g. annotation 2: None, annotation 3: 5)",
                  "1 x annotations of an image id not in images (e.g. annotation 4: 999)",
-                 "1 x duplicate annotation ids (e.g. annotation 6)"]:
+                 "1 x duplicate annotation ids (e.g. annotation 6)",
+                 "1 x annotations whose bbox lies outside its image (e.g. annotation 13: [500, 500, 20, 30])"]:
         assert f"  {line}" in message.splitlines()
     assert "area" not in message and "fewer than 3 points" not in message  # a training set needs neither
     with pytest.raises(ValueError) as error:
         validate_coco_json("broken", str(broken), for_evaluation=True)
     lines = str(error.value).splitlines()
-    for line in ["1 x annotations without an area (COCO evaluation reads it) (e.g. annotation 7)",
+    for line in ["2 x annotations without a non-negative area (COCO evaluation reads it) (e.g. annotation 7, "
+                 "annotation 12)",
+                 "1 x polygons with coordinates that are not finite numbers (e.g. annotation 10)",
+                 "1 x annotations without a segmentation (mask evaluation reads it) (e.g. annotation 11: [])",
                  "1 x annotations without iscrowd 0 or 1 (COCO evaluation reads it) (e.g. annotation 8)",
                  "1 x polygons of fewer than 3 points (pycocotools cannot rasterize them) (e.g. annotation 9)"]:
         assert f"  {line}" in lines

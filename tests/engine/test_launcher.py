@@ -159,3 +159,26 @@ def test_evaluation_precision(toy, eval_autocast, dtype):
     results = loops.do_test(cfg, model)
     assert seen == [dtype] * 8
     assert {"bbox", "segm"} <= set(results)
+
+
+def test_resume_with_fewer_iterations_than_done_is_named(toy, trained, tmp_path):
+    output_dir, overrides = toy
+    shutil.copytree(output_dir, tmp_path / "run")
+    result = launch("--num-gpus", "1", "--resume", *overrides, f"train.output_dir={tmp_path / 'run'}",
+                    "train.max_iter=2")
+    assert result.returncode != 0
+    done = len(iterations(tmp_path / "run"))  # 4, or 6 after the resume test
+    assert (f"model_final.pth holds {done} iterations, more than train.max_iter=2; pass train.max_iter={done} or more"
+            in result.stderr)
+
+
+def test_eval_only_refuses_a_checkpoint_of_other_class_names(toy, trained, tmp_path):
+    output_dir, overrides = toy
+    cfg = load_config(TINY, overrides)
+    loops.prepare(cfg, eval_only=True)
+    extra = {"config": {"classes": "['blue', 'red']"}}
+    with pytest.raises(ValueError, match=r"trained on the classes \['blue', 'red'\], the test set toy has \['red', "
+                                         r"'blue'\]: its predictions would be scored under other names"):
+        loops.check_classes(extra, cfg)
+    loops.check_classes({"config": {"classes": "['red', 'blue']"}}, cfg)
+    loops.check_classes({}, cfg)  # released checkpoints keep no classes

@@ -178,6 +178,38 @@ def test_non_finite_weights_are_never_written(tmp_path):
     with torch.no_grad():
         model.bias[0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"not writing model_0000002.pth: the weights are not finite "
-                                                 r"\(NaN or inf in bias\)"):
+                                                 r"or beyond 1e\+12 \(in bias\)"):
         checkpointer.save("model_0000002", iteration=2)
     assert not list(tmp_path.iterdir())
+
+
+def test_weights_beyond_any_trained_network_count_as_diverged(tmp_path):
+    checkpointer, model = _checkpointer(tmp_path)
+    with torch.no_grad():
+        model.weight[0, 0] = 2e30  # what optimizer.lr=1e30 makes of a weight in one step
+    with pytest.raises(FloatingPointError, match=r"not finite or beyond 1e\+12 \(in weight\)"):
+        checkpointer.save("model_0000001", iteration=1)
+
+
+def test_strict_loading_names_weights_a_checkpoint_lacks(tmp_path):
+    from models.checkpoint import SafeDetectionCheckpointer
+
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    state = source.state_dict()
+    torch.save({"model": {k: v for k, v in state.items() if not k.startswith("1.")}}, tmp_path / "partial.pth")
+    torch.save({"model": {**state, "1.weight": torch.zeros(5, 4), "1.bias": torch.zeros(5)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"every weight of the model, which would stay random: missing 1\."):
+        SafeDetectionCheckpointer(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), strict=True).load(
+            str(tmp_path / "partial.pth"))
+    with pytest.raises(ValueError, match=r"2 entries differ in shape: 1.weight: checkpoint \(5, 4\) vs model"):
+        SafeDetectionCheckpointer(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), strict=True).load(
+            str(tmp_path / "other.pth"))
+    SafeDetectionCheckpointer(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))).load(str(tmp_path / "partial.pth"))
+
+
+def test_changed_class_names_cannot_resume():
+    from models.engine.resume import check_resumed_config
+
+    with pytest.raises(ValueError, match=r"classes: \['red', 'green'\] in the checkpoint, \['green', 'red'\] now"):
+        check_resumed_config({"classes": "['red', 'green']"}, {"classes": "['green', 'red']"})

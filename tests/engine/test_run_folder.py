@@ -74,3 +74,21 @@ def test_a_second_launch_on_a_folder_in_use_fails_at_once_naming_the_holder(tmp_
     # the operating system released the killed holder's lock: the folder is free again
     with hold_run_folder(str(tmp_path), resume=False, overwrite=False, eval_only=False):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_overwrite_never_deletes_the_weights_the_run_starts_from(tmp_path):
+    _previous_run(tmp_path)
+    with pytest.raises(FileExistsError, match=r"--overwrite would delete .*model_final.pth, which this run starts "
+                                              r"from; copy it out of train.output_dir first"):
+        with hold_run_folder(str(tmp_path), resume=False, overwrite=True, eval_only=False,
+                             keep=[str(tmp_path / "model_final.pth")]):
+            pass
+    assert (tmp_path / "model_final.pth").read_bytes() == b"weights"
+
+
+def test_a_launch_that_failed_before_training_leaves_no_run_behind(tmp_path):
+    (tmp_path / "metrics.json").write_text("")  # opened by the writers, nothing written
+    (tmp_path / "events.out.tfevents.1.host").write_bytes(b"")
+    (tmp_path / "log.txt").write_text("Traceback ...")
+    with hold_run_folder(str(tmp_path), resume=False, overwrite=False, eval_only=False):
+        pass
