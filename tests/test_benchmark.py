@@ -189,3 +189,17 @@ def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_reference_backbone_has_the_same_layers_and_outputs_and_is_timed_beside_ours(tiny_backbone):
+    backbone = tiny_backbone
+    reference = benchmark.ReferenceBackbone(backbone)
+    count = lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad)  # noqa: E731
+    # The same learnable layers; ours also holds the mask token and MAE's position tables (fixed).
+    assert count(reference) == count(backbone)
+    images = torch.randn(1, 3, 64, 96)
+    backbone.sample_ratio = reference.sample_ratio = 0.5
+    ours, theirs = backbone(images), reference(images)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    lines = benchmark.reference_comparison(backbone, images, [0.5], ["fp32"], torch.device("cpu"), 1, 0)
+    assert len(lines) == 1 and "ours / reference = " in lines[0] and "sample ratio 0.5, fp32" in lines[0]
