@@ -145,8 +145,12 @@ class MixedPrecisionTrainer(SimpleTrainer):
                      self.iter, type(self.stopped_by).__name__)
         self.storage.iter = self.iter
         for hook in self._hooks:
-            if not isinstance(hook, skipped):
+            if isinstance(hook, skipped):
+                continue
+            try:  # the error that stopped training is the one to report, not a follow-on one
                 hook.after_train()
+            except Exception:  # noqa: BLE001
+                logger.exception("%s could not finish after the error", type(hook).__name__)
 
     def state_dict(self):
         state = super().state_dict()
