@@ -268,3 +268,20 @@ def test_infer_on_an_8000_pixel_image_stays_under_2_gb(setup, tmp_path):
     assert peak_gib < 2.0, f"peak {peak_gib:.2f} GiB"
     with Image.open(tmp_path / "o" / "huge.png") as drawing:
         assert max(drawing.size) == infer.MAX_DRAWING_SIDE
+
+
+def test_infer_refuses_a_coco_json_of_other_classes_than_the_checkpoint(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    state = torch.load(checkpoint, weights_only=True)
+    val_json, image_root = paths["val"]
+    with open(val_json) as f:
+        names = [c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])]
+    args = [image_root, "--config-file", config_file, "--coco-json", val_json, "--output", str(tmp_path / "o")]
+    swapped = tmp_path / "swapped.pth"
+    torch.save({**state, "config": {"classes": repr(names[::-1])}}, swapped)
+    message = _exit_message(args + ["--checkpoint", str(swapped)])
+    assert f"the checkpoint was trained on the classes {names[::-1]}, --coco-json {val_json} has {names}" in message
+    same = tmp_path / "same.pth"
+    torch.save({**state, "config": {"classes": repr(names)}}, same)
+    infer.main(args + ["--checkpoint", str(same)])  # matching classes, and checkpoints without any, run
+    assert (tmp_path / "o" / "results.json").exists()

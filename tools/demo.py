@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 from PIL import Image  # noqa: E402
 
 from models.data.synthetic_shapes import ensure_shapes  # noqa: E402
+from models.engine.run_folder import hold_run_folder, previous_run_files  # noqa: E402
 from tools import infer  # noqa: E402
 from tools.plot_metrics import plot_metrics, read_metrics  # noqa: E402
 
@@ -63,6 +64,27 @@ def train(output: str, paths: Dict[str, Sequence[str]], opts: Sequence[str]) -> 
     command += [f"train.output_dir={output}", f"datasets.register=[{register}]", *opts]
     logger.info("Running: %s", " ".join(command))
     subprocess.run(command, cwd=ROOT, check=True)
+
+
+# What a demo run writes besides the launcher's run files (previous_run_files).
+_DEMO_FILES = ("log.txt", "config.yaml", "metrics.png", "predictions.png", "predictions", "inference")
+
+
+def clear_demo_run(output: str) -> None:
+    """``--fresh``: delete what a demo run wrote in ``output``, and nothing else, while holding
+    the folder's lock (so a live run there is never cleared)."""
+    with hold_run_folder(output, resume=True, overwrite=False, eval_only=False):
+        written = previous_run_files(output) + [os.path.join(output, name) for name in _DEMO_FILES]
+        removed = 0
+        for path in written:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+            else:
+                continue
+            removed += 1
+    logger.info("--fresh: removed the previous demo run's %d files and folders in %s", removed, output)
 
 
 def final_results(metrics_file: str) -> Dict[str, Dict[str, float]]:
@@ -118,8 +140,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     output = os.path.abspath(args.output)
     if args.fresh and os.path.isdir(output):
-        logger.info("--fresh: removing the previous demo run %s", output)
-        shutil.rmtree(output)
+        clear_demo_run(output)
     start = time.perf_counter()
     paths = ensure_shapes(os.path.abspath(args.data), args.num_train, args.num_val)
     train(output, paths, args.opts)

@@ -14,6 +14,7 @@ and categories are the ground truth's (matched by file name), so
 The number of classes follows the checkpoint.
 """
 import argparse
+import ast
 import glob
 import json
 import logging
@@ -106,6 +107,12 @@ def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[
             [c["name"] for c in categories])
 
 
+def checkpoint_classes(checkpoint: str) -> Optional[List[str]]:
+    """The class names a checkpoint of this project was trained on (None for other checkpoints)."""
+    classes = (load_checkpoint_file(checkpoint).get("config") or {}).get("classes")
+    return None if classes is None else list(ast.literal_eval(classes))
+
+
 def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
     """Class names and contiguous -> category id of the config's test set, if it can be loaded."""
     try:
@@ -193,11 +200,18 @@ def run(args: argparse.Namespace) -> str:
         cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
     except (KeyError, ValueError) as e:
         raise InferenceError(f"cannot apply --opts {args.opts}: {e}") from e
+    trained = checkpoint_classes(args.checkpoint)
     if args.coco_json:
         image_ids, category_ids, class_names = ground_truth_ids(paths, args.coco_json)
+        if trained is not None and trained != class_names:
+            raise InferenceError(f"the checkpoint was trained on the classes {trained}, --coco-json {args.coco_json} "
+                                 f"has {class_names} (in category id order): its results would name other classes")
     else:
         image_ids = list(range(1, len(paths) + 1))
         class_names, category_ids = config_classes(cfg)
+        if trained is not None and trained != class_names:
+            logger.info("Class names from the checkpoint: %s", trained)
+            class_names, category_ids = trained, None
     model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio)
     num_classes = model.roi_heads.num_classes if hasattr(model, "roi_heads") else len(class_names or [])
     if class_names is None or len(class_names) != num_classes:

@@ -180,6 +180,12 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
     for category_id, count in categories.items():
         if count > 1:
             problems.add("duplicate category ids", category_id)
+    names = collections.Counter(c.get("name") for c in data["categories"] if isinstance(c, dict))
+    for category_name, count in names.items():
+        if count > 1:
+            problems.add("duplicate category names (results are reported, and checked, by name)", category_name)
+    if for_evaluation and not data["annotations"]:
+        problems.add("evaluation sets without annotations (there is nothing to score)", "no annotations")
     images = collections.Counter()
     sizes = {}
     for number, image in enumerate(data["images"]):

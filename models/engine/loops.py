@@ -3,6 +3,7 @@ run will start from, build the model, train with detectron2's hooks (resuming ex
 evaluate. ``lazyconfig_train_net.py`` parses arguments and calls these.
 """
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -271,6 +272,15 @@ def do_train(args, cfg) -> None:
     resuming exactly where the last readable checkpoint left off with ``--resume``."""
     settings = flatten_config(cfg)  # kept in every checkpoint, compared on --resume
     settings["classes"] = repr(thing_classes(cfg.dataloader.train.dataset.names))
+    names = cfg.dataloader.train.dataset.names
+    for name in [names] if isinstance(names, str) else names:  # an edited json changes the data stream
+        json_file = MetadataCatalog.get(name).get("json_file", None)
+        if json_file and os.path.isfile(json_file):
+            digest = hashlib.sha256()
+            with open(json_file, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            settings[f"data.{name}.json_sha256"] = digest.hexdigest()
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)

@@ -130,6 +130,10 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
         if not self.has_checkpoint():
             return found
         last = self.get_checkpoint_file()
+        if os.path.dirname(os.path.realpath(last)) != os.path.realpath(self.save_dir):
+            logger.warning("last_checkpoint names %s, outside %s: ignored (a run resumes only its own "
+                           "checkpoints)", last, self.save_dir)
+            return found
         return [last] + [path for path in found if os.path.abspath(path) != os.path.abspath(last)]
 
     def find_resume_point(self) -> Optional[ResumePoint]:

@@ -53,9 +53,11 @@ def hold_run_folder(output_dir: str, *, resume: bool, overwrite: bool, eval_only
         RunFolderBusy: another live process holds the folder.
         FileExistsError: a fresh run into a folder with a previous run, without ``overwrite``.
     """
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, LOCK_NAME)
-    handle = open(path, "a+")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle = open(os.path.join(output_dir, LOCK_NAME), "a+")
+    except OSError as e:
+        raise ValueError(f"train.output_dir {output_dir} cannot hold a run: {e.strerror or e}") from None
     try:
         try:
             portalocker.lock(handle, portalocker.LOCK_EX | portalocker.LOCK_NB)
@@ -76,7 +78,8 @@ def hold_run_folder(output_dir: str, *, resume: bool, overwrite: bool, eval_only
                 raise FileExistsError(
                     f"train.output_dir {output_dir} holds a previous run ({names}). Pass --resume to continue it, "
                     "--overwrite to delete it and start over there, or choose another train.output_dir")
-            needed = [p for p in previous if any(os.path.abspath(p) == os.path.abspath(k) for k in keep if k)]
+            kept = {os.path.realpath(k) for k in keep if k}
+            needed = [p for p in previous if os.path.realpath(p) in kept]
             if needed:
                 raise FileExistsError(f"--overwrite would delete {needed[0]}, which this run starts from; copy it "
                                       "out of train.output_dir first, or choose another train.output_dir")

@@ -148,6 +148,18 @@ def test_every_problem_of_a_json_is_listed_at_once_with_counts(tmp_path, toy_coc
     validate_coco_json("toy", str(json_file), for_evaluation=True)  # the clean original passes
 
 
+def test_duplicate_class_names_and_an_evaluation_set_without_annotations_are_named(tmp_path, toy_coco_writer):
+    json_file = toy_coco_writer(tmp_path)
+    same_names = _broken_copy(json_file, lambda data: data["categories"][1].update(name="red"))
+    with pytest.raises(ValueError, match=r"1 x duplicate category names \(results are reported, and checked, by "
+                                         r"name\) \(e.g. red\)"):
+        validate_coco_json("same_names", str(same_names))
+    empty = _broken_copy(json_file, lambda data: data.update(annotations=[]))
+    validate_coco_json("empty", str(empty))  # a training set without annotations fails in detectron2's loader
+    with pytest.raises(ValueError, match=r"evaluation sets without annotations"):
+        validate_coco_json("empty", str(empty), for_evaluation=True)
+
+
 def test_a_json_that_is_not_json_is_named(tmp_path):
     bad = tmp_path / "annotations.json"
     bad.write_text('{"images": [], "annotations": [,]}')

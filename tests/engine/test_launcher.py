@@ -161,6 +161,21 @@ def test_evaluation_precision(toy, eval_autocast, dtype):
     assert {"bbox", "segm"} <= set(results)
 
 
+def test_resume_after_the_training_json_changed_warns(toy, trained, tmp_path, dataset_overrides):
+    output_dir, overrides = toy
+    shutil.copytree(output_dir, tmp_path / "run")
+    json_file = next(o for o in overrides if o.startswith("datasets.register")).split("json_file:'")[1].split("'")[0]
+    data = json.loads(Path(json_file).read_text())
+    data["images"] = data["images"][:-2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in {i["id"] for i in data["images"]}]
+    (tmp_path / "edited.json").write_text(json.dumps(data))
+    edited = dataset_overrides("toy", tmp_path / "edited.json", Path(json_file).parent / "images")
+    result = launch("--num-gpus", "1", "--resume", *edited, f"train.output_dir={tmp_path / 'run'}",
+                    f"train.max_iter={len(iterations(tmp_path / 'run')) + 1}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "which takes effect from here on: data.toy.json_sha256: " in result.stdout + result.stderr
+
+
 def test_resume_with_fewer_iterations_than_done_is_named(toy, trained, tmp_path):
     output_dir, overrides = toy
     shutil.copytree(output_dir, tmp_path / "run")

@@ -213,3 +213,14 @@ def test_changed_class_names_cannot_resume():
 
     with pytest.raises(ValueError, match=r"classes: \['red', 'green'\] in the checkpoint, \['green', 'red'\] now"):
         check_resumed_config({"classes": "['red', 'green']"}, {"classes": "['green', 'red']"})
+
+
+def test_a_last_checkpoint_outside_the_folder_is_ignored(tmp_path, caplog):
+    other, _ = _checkpointer(tmp_path / "other")
+    other.save("model_0000009", iteration=9)
+    checkpointer, _ = _checkpointer(tmp_path / "run")
+    checkpointer.save("model_0000001", iteration=1)
+    (tmp_path / "run" / "last_checkpoint").write_text(str(tmp_path / "other" / "model_0000009.pth"))
+    with caplog.at_level(logging.WARNING, logger="models.engine.resume"):
+        point = _checkpointer(tmp_path / "run")[0].find_resume_point()
+    assert point.iteration == 1 and "outside" in caplog.text and "ignored" in caplog.text

@@ -92,3 +92,51 @@ def test_a_launch_that_failed_before_training_leaves_no_run_behind(tmp_path):
     (tmp_path / "log.txt").write_text("Traceback ...")
     with hold_run_folder(str(tmp_path), resume=False, overwrite=False, eval_only=False):
         pass
+
+
+def test_the_start_weights_are_kept_through_symlinks_too(tmp_path):
+    run = tmp_path / "run"
+    _previous_run(run)
+    (tmp_path / "start.pth").symlink_to(run / "model_final.pth")
+    (tmp_path / "run_link").symlink_to(run)
+    for folder, start in ((run, tmp_path / "start.pth"), (tmp_path / "run_link", run / "model_final.pth")):
+        with pytest.raises(FileExistsError, match="which this run starts from"):
+            with hold_run_folder(str(folder), resume=False, overwrite=True, eval_only=False, keep=[str(start)]):
+                pass
+    assert (run / "model_final.pth").read_bytes() == b"weights"
+
+
+def test_an_output_folder_that_cannot_hold_a_run_is_named(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match=rf"train.output_dir {tmp_path / 'a_file'} cannot hold a run: "):
+        with hold_run_folder(str(tmp_path / "a_file"), resume=False, overwrite=False, eval_only=False):
+            pass
+
+
+def test_demo_fresh_clears_only_a_demo_run_and_never_a_live_one(tmp_path):
+    from tools.demo import clear_demo_run
+
+    _previous_run(tmp_path)
+    (tmp_path / "predictions").mkdir()
+    (tmp_path / "predictions" / "a.png").write_bytes(b"png")
+    (tmp_path / "notes.txt").write_text("the user's")
+    (tmp_path / "photos").mkdir()
+    clear_demo_run(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".lock", "notes.txt", "photos"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         f"sys.path.insert(0, {str(REPO)!r})\n"
+         "from models.engine.run_folder import hold_run_folder\n"
+         f"with hold_run_folder({str(tmp_path)!r}, resume=True, overwrite=False, eval_only=False):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _previous_run(tmp_path)
+        with pytest.raises(RunFolderBusy, match=rf"process {holder.pid}"):
+            clear_demo_run(str(tmp_path))
+        assert (tmp_path / "model_final.pth").exists()
+    finally:
+        holder.kill()
+        holder.wait()
