@@ -59,7 +59,7 @@ def test_rerun_continues_and_fresh_starts_over(demo_run):
     assert "Continuing the demo run" in again.stderr
     fresh = _run_demo(tmp_path, "--fresh")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert "--fresh: removing the previous demo run" in fresh.stderr
+    assert "--fresh: removed the previous demo run's" in fresh.stderr
 
 
 def test_final_results_needs_an_evaluation(tmp_path):
