@@ -107,9 +107,9 @@ def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[
             [c["name"] for c in categories])
 
 
-def checkpoint_classes(checkpoint: str) -> Optional[List[str]]:
+def checkpoint_classes(state: Dict) -> Optional[List[str]]:
     """The class names a checkpoint of this project was trained on (None for other checkpoints)."""
-    classes = (load_checkpoint_file(checkpoint).get("config") or {}).get("classes")
+    classes = (state.get("config") or {}).get("classes")
     return None if classes is None else list(ast.literal_eval(classes))
 
 
@@ -132,15 +132,16 @@ def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
 
 
 def build_model(cfg, checkpoint: str, device: str, score_threshold: float,
-                sample_ratio: float = 1.0) -> torch.nn.Module:
-    """The config's model with the checkpoint's weights, in eval mode; classes follow the checkpoint.
+                sample_ratio: float = 1.0, state: Optional[Dict] = None) -> torch.nn.Module:
+    """The config's model with the checkpoint's weights, in eval mode; classes follow the checkpoint
+    (``state``: the checkpoint already read, if the caller has it).
 
     A MIMDet backbone sees ``sample_ratio`` of the tokens (1.0, every token, as the paper
     evaluates: the same image always gives the same detections).
     """
     roi_heads = cfg.model.get("roi_heads", None)
     if roi_heads is not None and "num_classes" in roi_heads:
-        state = load_checkpoint_file(checkpoint)
+        state = load_checkpoint_file(checkpoint) if state is None else state
         weight = state.get("model", state).get(CLS_SCORE_WEIGHT, None)
         if weight is not None and weight.shape[0] - 1 != roi_heads.num_classes:
             logger.info("Checkpoint has %d classes: model.roi_heads.num_classes %d -> %d",
@@ -200,7 +201,8 @@ def run(args: argparse.Namespace) -> str:
         cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
     except (KeyError, ValueError) as e:
         raise InferenceError(f"cannot apply --opts {args.opts}: {e}") from e
-    trained = checkpoint_classes(args.checkpoint)
+    state = load_checkpoint_file(args.checkpoint)
+    trained = checkpoint_classes(state)
     if args.coco_json:
         image_ids, category_ids, class_names = ground_truth_ids(paths, args.coco_json)
         if trained is not None and trained != class_names:
@@ -212,7 +214,8 @@ def run(args: argparse.Namespace) -> str:
         if trained is not None and trained != class_names:
             logger.info("Class names from the checkpoint: %s", trained)
             class_names, category_ids = trained, None
-    model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio)
+    model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio, state)
+    del state
     num_classes = model.roi_heads.num_classes if hasattr(model, "roi_heads") else len(class_names or [])
     if class_names is None or len(class_names) != num_classes:
         class_names = [f"class {i}" for i in range(num_classes)]

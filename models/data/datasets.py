@@ -15,6 +15,7 @@ fvcore's crop take only polygons). :class:`InstanceDatasetMapper` is detectron2'
 cannot handle.
 """
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -141,7 +142,7 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) -> None:
+def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) -> str:
     """Check a COCO-format json once, before any work, and list every problem at once.
 
     What would stop a run mid-way or silently corrupt it is an error: the file is not JSON or
@@ -153,12 +154,14 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
     or polygons of 3 or more finite points). (Degenerate boxes and
     polygons of a training set are dropped with a count later, see
     :func:`drop_degenerate_annotations`.) Raises ValueError naming the dataset and the file,
-    each kind of problem with its count and example ids.
+    each kind of problem with its count and example ids. Returns the file's sha256 (a resumed
+    run compares it with the one its checkpoint was trained on).
     """
     where = f"dataset '{name}' ({json_file})"
+    with open(json_file, "rb") as f:
+        raw = f.read()
     try:
-        with open(json_file) as f:
-            data = json.load(f)
+        data = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where} is not valid JSON: {e}") from None
     except UnicodeDecodeError as e:
@@ -253,6 +256,7 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
                          f"{problems.report()}")
     if len(set(image.get("file_name") for image in data["images"] if isinstance(image, dict))) < len(images):
         logger.warning("%s: several images share a file_name", where)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def check_image_sizes(name: str, records: Sequence[Mapping]) -> None:

@@ -3,7 +3,6 @@ run will start from, build the model, train with detectron2's hooks (resuming ex
 evaluate. ``lazyconfig_train_net.py`` parses arguments and calls these.
 """
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -184,7 +183,8 @@ def prepare(cfg, eval_only: bool = False) -> None:
         for name in [names] if isinstance(names, str) else names:
             json_file = MetadataCatalog.get(name).get("json_file", None)
             if json_file and name not in validated:
-                validate_coco_json(name, json_file, for_evaluation=split == "test")
+                digest = validate_coco_json(name, json_file, for_evaluation=split == "test")
+                MetadataCatalog.get(name).set(json_sha256=digest)
                 validated[name] = split
     roi_heads = cfg.model.get("roi_heads", None)
     if roi_heads is not None and "num_classes" in roi_heads:
@@ -274,13 +274,9 @@ def do_train(args, cfg) -> None:
     settings["classes"] = repr(thing_classes(cfg.dataloader.train.dataset.names))
     names = cfg.dataloader.train.dataset.names
     for name in [names] if isinstance(names, str) else names:  # an edited json changes the data stream
-        json_file = MetadataCatalog.get(name).get("json_file", None)
-        if json_file and os.path.isfile(json_file):
-            digest = hashlib.sha256()
-            with open(json_file, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            settings[f"data.{name}.json_sha256"] = digest.hexdigest()
+        digest = MetadataCatalog.get(name).get("json_sha256", None)  # set by prepare()
+        if digest:
+            settings[f"data.{name}.json_sha256"] = digest
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)

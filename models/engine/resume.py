@@ -72,7 +72,7 @@ def check_resumed_config(saved: Optional[Mapping[str, str]], current: Mapping[st
     """Compare a checkpoint's config with the resuming run's; return the changed keys.
 
     Raises ValueError listing every change that cannot take effect on resume (optimizer
-    settings, the seed, the number of classes); logs each other change as a warning.
+    settings, ``train.seed``, the classes); logs each other change as a warning.
     """
     if saved is None:
         logger.info("The checkpoint holds no config (written by an older version): settings are not compared")
@@ -84,9 +84,9 @@ def check_resumed_config(saved: Optional[Mapping[str, str]], current: Mapping[st
     if fixed:
         lines = "\n  ".join(f"{k}: {show(k, saved)} in the checkpoint, {show(k, current)} now" for k in fixed)
         raise ValueError(
-            f"--resume cannot apply these changes (the optimizer's state, the seed and the classifier come from "
-            f"the checkpoint):\n  {lines}\nRestore them to resume, or start a new run from the checkpoint's weights "
-            f"with train.init_checkpoint=<checkpoint> in another train.output_dir.")
+            f"--resume cannot apply these changes (the optimizer's state, the run's random seed and the classifier "
+            f"come from the checkpoint):\n  {lines}\nRestore them to resume, or start a new run from the "
+            f"checkpoint's weights with train.init_checkpoint=<checkpoint> in another train.output_dir.")
     for key in changed:
         logger.warning("--resume with a changed setting, which takes effect from here on: %s: %s -> %s",
                        key, show(key, saved), show(key, current))

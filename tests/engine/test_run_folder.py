@@ -1,5 +1,6 @@
 """models/engine/run_folder.py and the launcher: a fresh run never writes over a previous run,
 and a second launch on a folder in use fails at once, naming the process that holds it."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,25 @@ from models.engine.run_folder import RunFolderBusy, hold_run_folder
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/test/tiny_mimdet.py"
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path, resume: bool):
+    """A live process holding ``folder``'s lock for the body's duration; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         f"sys.path.insert(0, {str(REPO)!r})\n"
+         "from models.engine.run_folder import hold_run_folder\n"
+         f"with hold_run_folder({str(folder)!r}, resume={resume}, overwrite=False, eval_only=False):\n"
+         "    print('held', flush=True)\n"
+         "    time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _previous_run(folder: Path) -> dict:
@@ -54,23 +74,11 @@ def test_the_launcher_refuses_before_any_work(tmp_path):
 
 
 def test_a_second_launch_on_a_folder_in_use_fails_at_once_naming_the_holder(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\n"
-         f"sys.path.insert(0, {str(REPO)!r})\n"
-         "from models.engine.run_folder import hold_run_folder\n"
-         f"with hold_run_folder({str(tmp_path)!r}, resume=False, overwrite=False, eval_only=False):\n"
-         "    print('held', flush=True)\n"
-         "    time.sleep(60)\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(tmp_path, resume=False) as pid:
         start = time.perf_counter()
-        with pytest.raises(RunFolderBusy, match=rf"{tmp_path} is in use by another run \(process {holder.pid}\)"):
+        with pytest.raises(RunFolderBusy, match=rf"{tmp_path} is in use by another run \(process {pid}\)"):
             launcher.cli(["--config-file", TINY, "--resume", f"train.output_dir={tmp_path}"])
         assert time.perf_counter() - start < 30
-    finally:
-        holder.kill()
-        holder.wait()
     # the operating system released the killed holder's lock: the folder is free again
     with hold_run_folder(str(tmp_path), resume=False, overwrite=False, eval_only=False):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
@@ -123,20 +131,8 @@ def test_demo_fresh_clears_only_a_demo_run_and_never_a_live_one(tmp_path):
     (tmp_path / "photos").mkdir()
     clear_demo_run(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [".lock", "notes.txt", "photos"]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\n"
-         f"sys.path.insert(0, {str(REPO)!r})\n"
-         "from models.engine.run_folder import hold_run_folder\n"
-         f"with hold_run_folder({str(tmp_path)!r}, resume=True, overwrite=False, eval_only=False):\n"
-         "    print('held', flush=True)\n"
-         "    time.sleep(60)\n"],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with held_by_another_process(tmp_path, resume=True) as pid:
         _previous_run(tmp_path)
-        with pytest.raises(RunFolderBusy, match=rf"process {holder.pid}"):
+        with pytest.raises(RunFolderBusy, match=rf"process {pid}"):
             clear_demo_run(str(tmp_path))
         assert (tmp_path / "model_final.pth").exists()
-    finally:
-        holder.kill()
-        holder.wait()
