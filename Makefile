@@ -9,7 +9,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.mimdet-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo mae-demo clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ test: setup
 
 demo: setup
 	$(PY) tools/demo.py
+
+mae-demo: setup
+	$(PY) tools/demo.py --mae
 
 clean:
 	rm -rf $(VENV) .cache output

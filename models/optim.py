@@ -5,14 +5,15 @@ MIMDet trains three parts at three speeds: the MAE-pretrained ViT encoder slowes
 (the MAE decoder, FPN and heads) fastest (``base_lr * m``); biases, 1-D parameters and norm
 weights get no weight decay, and parameters that do not train (``requires_grad=False``: the
 fixed position tables) are left out. Benchmarking-ViT's groups are detectron2's
-``get_default_optimizer_params`` (configs/common/optim.py).
+``get_default_optimizer_params`` (configs/common/optim.py). MAE pre-training uses MAE's two
+groups and its learning-rate rule (``mae_param_groups``, ``scaled_lr``).
 """
 import logging
 from typing import Callable, Dict, Iterable, List, Set, Tuple
 
 from torch import nn
 
-__all__ = ["mimdet_param_groups", "no_decay_parameter_names", "count_parameters"]
+__all__ = ["mimdet_param_groups", "mae_param_groups", "scaled_lr", "no_decay_parameter_names", "count_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,25 @@ def mimdet_param_groups(
     groups = _group(trainable, key_of, lambda key: {"lr": lr_of_part[key[0]], "weight_decay": key[1]})
     _log_groups(groups)
     return groups
+
+
+def mae_param_groups(model: nn.Module, *, weight_decay: float) -> List[Dict]:
+    """MAE pre-training's groups (timm's ``add_weight_decay``, as MAE's ``main_pretrain.py``):
+    biases and 1-D parameters (norm weights) take no decay, everything else ``weight_decay`` --
+    the cls and mask tokens included; the fixed position tables do not train."""
+    no_decay = no_decay_parameter_names(model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = _group(trainable, lambda name: 0.0 if name in no_decay else weight_decay,
+                    lambda decay: {"weight_decay": decay})
+    _log_groups(groups)
+    return groups
+
+
+def scaled_lr(base_lr: float, total_batch_size: int) -> float:
+    """MAE's linear scaling rule: ``lr = base_lr * total_batch_size / 256`` (1.5e-4 at 4096 -> 2.4e-3)."""
+    lr = base_lr * total_batch_size / 256
+    logger.info("learning rate %.3g = base %.3g x batch %d / 256", lr, base_lr, total_batch_size)
+    return lr
 
 
 def _log_groups(groups: List[Dict]) -> None:

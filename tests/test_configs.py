@@ -286,4 +286,28 @@ LAUNCHER_KEYS = {"model", "dataloader", "optimizer", "lr_multiplier", "train", "
 def test_every_top_level_key_is_one_the_launcher_reads(config):
     """A stray top-level key (say ``bottom_up = model.backbone.bottom_up``) would accept
     overrides such as ``bottom_up.sample_ratio=0.25`` that change nothing."""
-    assert set(load(config)) == LAUNCHER_KEYS
+    pretraining = config.startswith("configs/mae/")  # starts from random weights: no mae_checkpoint group
+    assert set(load(config)) == LAUNCHER_KEYS - ({"mae_checkpoint"} if pretraining else set())
+
+
+def test_mae_configs_follow_maes_recipe():
+    base, large = load("configs/mae/mae_pretrain_vit_base.py"), load("configs/mae/mae_pretrain_vit_large.py")
+    assert (base.model.embed_dim, base.model.depth, large.model.embed_dim, large.model.depth) == (768, 12, 1024, 24)
+    assert base.model.mask_ratio == 0.75 and base.model.norm_pix_loss and base.model.decoder_depth == 8
+    assert tuple(base.dataloader.train.mapper.scale) == (0.2, 1.0) and base.dataloader.train.mapper.img_size == 224
+
+    cfg = load("configs/mae/mae_pretrain_shapes.py", "dataloader.train.total_batch_size=32")
+    model = instantiate(cfg.model)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    assert optimizer.defaults["lr"] == pytest.approx(1.5e-3 * 32 / 256)  # follows the batch size
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight"} <= decay[0.05]  # MAE decays the tokens
+    assert {"blocks.0.attn.qkv.bias", "norm.weight", "decoder_norm.bias"} <= decay[0.0]
+    assert "pos_embed" not in decay[0.0] | decay[0.05]  # fixed sin-cos tables do not train
+
+    schedule = instantiate(cfg.lr_multiplier)  # linear warm-up over 5%, then a half cosine to 0 (MAE's)
+    assert [schedule(w) for w in (0.0, 0.025)] == pytest.approx([0.0, 0.5])
+    assert [schedule(w) for w in (0.05, 0.525, 0.9999)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-6)

@@ -70,3 +70,23 @@ def test_final_results_needs_an_evaluation(tmp_path):
     metrics.write_text(metrics.read_text() + json.dumps({"iteration": 1, "bbox/AP": 12.5, "bbox/AP50": 30.0,
                                                          "segm/AP": 10.0}) + "\n")
     assert demo.final_results(str(metrics)) == {"bbox": {"AP": 12.5, "AP50": 30.0}, "segm": {"AP": 10.0}}
+
+
+def test_mae_chain_pretrains_draws_and_compares_two_fine_tunings(tmp_path):
+    result = _run_demo(tmp_path, "--mae", "--pretrain-opt", "train.max_iter=3", "--pretrain-opt",
+                       "dataloader.train.total_batch_size=4", "--pretrain-opt", "dataloader.train.num_workers=0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "comparison.json").read_text())
+    assert set(summary) == {"pretrain", "finetune_mae", "finetune_scratch"}
+    for stage in ("finetune_mae", "finetune_scratch"):
+        assert summary[stage]["seconds"] > 0 and 0 <= summary[stage]["bbox/AP"] <= 100
+        assert (run / stage / "model_final.pth").is_file()
+    pretrained = str(run / "pretrain" / "model_final.pth")
+    assert f"mae_checkpoint.path={pretrained}" in (run / "finetune_mae" / "log.txt").read_text()
+    assert "mae_checkpoint.path=scratch" in (run / "finetune_scratch" / "log.txt").read_text()
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| MAE pre-trained", "| random weights"))]
+    assert len(rows) == 2 and all(len(row.strip("|").split("|")) == 6 for row in rows)
+    for name in ("reconstruction.png", "mae_loss.png"):
+        with Image.open(run / name) as picture:
+            assert picture.format == "PNG" and min(picture.size) >= 200

@@ -10,7 +10,7 @@ released full pre-training checkpoints (``mae_pretrain_vit_base_full.pth``), so 
 writes is read by ``mae_checkpoint.path`` as it is.
 """
 from functools import partial
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from .encoder import init_vit_weights
 from .pos_embed import sincos_table_mae
 
-__all__ = ["MaskedAutoencoderViT"]
+__all__ = ["MaskedAutoencoderViT", "MAEPretrainer"]
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -79,25 +79,32 @@ class MaskedAutoencoderViT(nn.Module):
         x = images.reshape(batch, channels, height // p, p, width // p, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(batch, (height // p) * (width // p), p * p * channels)
 
-    def random_masking(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep ``int(L * (1 - mask_ratio))`` random tokens per image.
+    def random_masking(self, tokens: torch.Tensor, noise: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep ``int(L * (1 - mask_ratio))`` random tokens per image: those of the smallest ``noise``
+        (B, L), uniform noise drawn here if not given.
 
         Returns the kept tokens (B, len_keep, D), the mask (B, L; 1 = hidden) and the
         permutation that puts draw-ordered tokens back in image order (B, L).
         """
         batch, length, width = tokens.shape
         len_keep = int(length * (1 - self.mask_ratio))
-        ids_shuffle = torch.argsort(torch.rand(batch, length, device=tokens.device), dim=1)
+        if noise is None:
+            noise = torch.rand(batch, length, device=tokens.device)
+        elif noise.shape != (batch, length):
+            raise ValueError(f"mask noise of shape {tuple(noise.shape)} for {batch} images of {length} patches")
+        ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         kept = torch.gather(tokens, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, width))
         mask = torch.ones(batch, length, device=tokens.device)
         mask[:, :len_keep] = 0
         return kept, torch.gather(mask, 1, ids_restore), ids_restore
 
-    def forward_encoder(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible patches: (latent (B, 1 + len_keep, D) with the cls token, mask, ids_restore)."""
         tokens = self.patch_embed(images) + self.pos_embed[:, 1:]
-        tokens, mask, ids_restore = self.random_masking(tokens)
+        tokens, mask, ids_restore = self.random_masking(tokens, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         for block in self.blocks:
@@ -125,8 +132,48 @@ class MaskedAutoencoderViT(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, L)
         return (per_patch * mask).sum() / mask.sum()
 
-    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """(B, C, H, W) normalised images -> ``{"loss_mae", "pred" (B, L, p*p*C), "mask" (B, L)}``."""
-        latent, mask, ids_restore = self.forward_encoder(images)
+    def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """(B, C, H, W) normalised images -> ``{"loss_mae", "pred" (B, L, p*p*C), "mask" (B, L)}``.
+        ``noise`` (B, L) chooses the hidden patches (see :meth:`random_masking`)."""
+        latent, mask, ids_restore = self.forward_encoder(images, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return {"loss_mae": self.forward_loss(images, pred, mask), "pred": pred, "mask": mask}
+
+
+class MAEPretrainer(MaskedAutoencoderViT):
+    """:class:`MaskedAutoencoderViT` as the launcher trains it: it takes detectron2's batched
+    inputs and returns ``{"loss_mae"}`` in training.
+
+    Each input holds ``"image"``, a (3, H, W) RGB tensor in 0-255 (``models.data.pretrain``'s
+    mapper), normalised here by ImageNet's mean and std as MAE does, and optionally
+    ``"mask_noise"`` (L,), which chooses the image's hidden patches. With the noise drawn by the
+    mapper, each image's mask follows from its place in the data stream alone, so a run split
+    over several processes, or resumed, hides the same patches as a single uninterrupted one.
+    The mean and std are not saved: the state dict is exactly MAE's.
+
+    In eval mode it returns ``{"loss_mae", "pred", "mask"}`` (:meth:`MaskedAutoencoderViT.forward`).
+    """
+
+    def __init__(self, *, pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53),
+                 pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, batched_inputs: List[dict]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Normalised images (B, 3, H, W) and the mask noise (B, L) if every input carries one."""
+        images = torch.stack([x["image"].to(self.device, non_blocking=True) for x in batched_inputs]).float()
+        images = (images - self.pixel_mean) / self.pixel_std
+        noise = None
+        if all("mask_noise" in x for x in batched_inputs):
+            noise = torch.stack([x["mask_noise"] for x in batched_inputs]).to(self.device)
+        return images, noise
+
+    def forward(self, batched_inputs: List[dict]) -> Dict[str, torch.Tensor]:
+        images, noise = self.preprocess(batched_inputs)
+        outputs = super().forward(images, noise)
+        return {"loss_mae": outputs["loss_mae"]} if self.training else outputs

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import os
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from detectron2.config import instantiate
@@ -55,9 +55,10 @@ def has_checkpoint(output_dir: str) -> bool:
         name.startswith("model_") and name.endswith(".pth") for name in os.listdir(output_dir))
 
 
-# Parts of a config the launcher builds from: none of them may be null.
-_REQUIRED_GROUPS = ("model", "model.backbone", "optimizer", "lr_multiplier", "dataloader", "dataloader.train",
-                    "dataloader.test", "train", "train.amp", "train.checkpointer", "train.ddp")
+# Parts of a config the launcher builds from: none of them may be null. A detector also needs
+# model.backbone; an evaluator needs dataloader.test (MAE pre-training has neither).
+_REQUIRED_GROUPS = ("model", "optimizer", "lr_multiplier", "dataloader", "dataloader.train", "train", "train.amp",
+                    "train.checkpointer", "train.ddp")
 
 
 def _whole(value) -> bool:
@@ -67,10 +68,15 @@ def _whole(value) -> bool:
 def check_train_config(cfg) -> None:
     """Refuse, naming the key, values the launcher cannot use: they would otherwise fail with a
     TypeError or ZeroDivisionError somewhere inside a run, or be ignored."""
-    for key in _REQUIRED_GROUPS:
+    required = list(_REQUIRED_GROUPS)
+    if "backbone" in cfg.get("model", {}):
+        required.append("model.backbone")
+    if "dataloader" in cfg and cfg.dataloader.get("evaluator", None) is not None:
+        required.append("dataloader.test")
+    for key in required:
         if OmegaConf.select(cfg, key, default=None) is None:
             raise ValueError(f"{key} is missing or null; the launcher builds the run from it")
-    if "bottom_up" in cfg.model.backbone and cfg.model.backbone.bottom_up is None:
+    if "backbone" in cfg.model and "bottom_up" in cfg.model.backbone and cfg.model.backbone.bottom_up is None:
         raise ValueError("model.backbone.bottom_up is null; the launcher builds the run from it")
     if "mae_checkpoint" in cfg and cfg.mae_checkpoint is None:
         raise ValueError("mae_checkpoint is null; to train from random weights set mae_checkpoint.path=scratch")
@@ -116,6 +122,10 @@ def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: 
     check_train_config(cfg)
     init = cfg.train.get("init_checkpoint", "") or ""
     if eval_only:
+        if cfg.dataloader.get("evaluator", None) is None:
+            raise ValueError(f"--eval-only: {config_file} has no dataloader.evaluator, nothing to evaluate "
+                             "(MAE pre-training logs its loss while training; tools/mae_reconstruct.py draws what "
+                             "a checkpoint reconstructs)")
         if not init:
             raise ValueError("--eval-only evaluates train.init_checkpoint, which is not set: "
                              "pass train.init_checkpoint=/path/to/model.pth")
@@ -175,12 +185,14 @@ def prepare(cfg, eval_only: bool = False) -> None:
         logger.info("Mixed precision (train.amp) on %s: training %s, evaluation %s", cfg.train.device, *precision)
     register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
     splits = ["test"] if eval_only else ["train", "test"]
+    splits = [split for split in splits if dataset_names(cfg, split)]
     for split in splits:
         check_dataset_files(cfg.dataloader[split].dataset.names)
     validated = {}  # each json once, with the test set's stricter checks where it serves both
     for split in reversed(splits):
-        names = cfg.dataloader[split].dataset.names
-        for name in [names] if isinstance(names, str) else names:
+        if split == "train" and not is_detector(cfg):
+            continue  # pre-training reads the images only, not the annotations
+        for name in dataset_names(cfg, split):
             json_file = MetadataCatalog.get(name).get("json_file", None)
             if json_file and name not in validated:
                 digest = validate_coco_json(name, json_file, for_evaluation=split == "test")
@@ -198,6 +210,22 @@ def prepare(cfg, eval_only: bool = False) -> None:
             roi_heads.num_classes = len(classes)
     if cfg.dataloader.get("evaluator", None) is not None:  # detectron2's EvalHook also evaluates at the end
         check_test_set(cfg, eval_only)
+
+
+def dataset_names(cfg, split: str) -> List[str]:
+    """The registered datasets ``dataloader.<split>`` reads (none for a missing loader, or one
+    that reads only an image folder, as MAE pre-training may)."""
+    loader = cfg.dataloader.get(split, None)
+    dataset = loader.get("dataset", None) if loader is not None else None
+    names = dataset.get("names", None) if dataset is not None else None
+    if not names:
+        return []
+    return [names] if isinstance(names, str) else list(names)
+
+
+def is_detector(cfg) -> bool:
+    """Whether the model has ROI heads whose classes come from the training set."""
+    return cfg.model.get("roi_heads", None) is not None
 
 
 def check_test_set(cfg, eval_only: bool) -> None:
@@ -271,9 +299,9 @@ def do_train(args, cfg) -> None:
     """Train with the hooks of detectron2's lazyconfig_train_net (timer, lr, eval, writers, checkpoint),
     resuming exactly where the last readable checkpoint left off with ``--resume``."""
     settings = flatten_config(cfg)  # kept in every checkpoint, compared on --resume
-    settings["classes"] = repr(thing_classes(cfg.dataloader.train.dataset.names))
-    names = cfg.dataloader.train.dataset.names
-    for name in [names] if isinstance(names, str) else names:  # an edited json changes the data stream
+    if is_detector(cfg):
+        settings["classes"] = repr(thing_classes(cfg.dataloader.train.dataset.names))
+    for name in dataset_names(cfg, "train"):  # an edited json changes the data stream
         digest = MetadataCatalog.get(name).get("json_sha256", None)  # set by prepare()
         if digest:
             settings[f"data.{name}.json_sha256"] = digest
@@ -322,7 +350,8 @@ def do_train(args, cfg) -> None:
     if resume:
         checkpointer.load(resume.path)
     else:
-        load_mae_weights(model, cfg.mae_checkpoint.path)
+        if "mae_checkpoint" in cfg:
+            load_mae_weights(model, cfg.mae_checkpoint.path)
         checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
     try:
         trainer.train(start_iter, cfg.train.max_iter)
