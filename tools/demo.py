@@ -19,7 +19,8 @@ pre-trains the demo's ViT with MAE on the train images first (configs/mae/mae_pr
 into OUTPUT/pretrain; its loss curve is OUTPUT/mae_loss.png, its reconstructions of val images
 OUTPUT/reconstruction.png), then fine-tunes MIMDet from that checkpoint (OUTPUT/finetune_mae)
 and, for comparison, from random weights with the same recipe and iterations
-(OUTPUT/finetune_scratch; 750 iterations each, half the demo's), and prints both APs with their times (also in OUTPUT/comparison.json).
+(OUTPUT/finetune_scratch; 750 iterations each, half the demo's), and prints both APs with
+their times (also in OUTPUT/comparison.json).
 The ``key=value`` overrides go to both fine-tuning runs, ``--pretrain-opt key=value`` to the
 pre-training.
 """

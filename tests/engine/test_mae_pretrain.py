@@ -12,10 +12,12 @@ import models  # noqa: F401  (before detectron2)
 import numpy as np
 import pytest
 import torch
+from detectron2.config import instantiate
 from PIL import Image
 
 from models.backbones.mimdet import MIMDetBackbone
-from models.checkpoint import load_checkpoint_file, load_mae_into_backbone
+from models.checkpoint import load_checkpoint_file, load_mae_into_backbone, load_mae_weights
+from models.config import load_config
 from tools import mae_reconstruct
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,3 +149,10 @@ def test_the_reconstruction_picture_shows_the_visible_patches_as_they_are(uninte
         [str(image_folder), "--config-file", MAE_B, "--checkpoint", checkpoint, "--output", str(tmp_path / "r.png"),
          "--max-images", "3", "--opts", *TINY_MODEL]))
     assert Image.open(picture).size == (4 * 224, mae_reconstruct.TITLE_HEIGHT + 3 * 224)  # 32 px drawn 7x
+
+
+def test_a_checkpoint_of_another_width_names_the_mismatched_keys_in_mimdet(uninterrupted):
+    detector = instantiate(load_config("configs/test/tiny_mimdet.py").model)  # a 96-wide ViT; the checkpoint's is 32
+    named = r"blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs backbone \(288, 96\)"
+    with pytest.raises(ValueError, match=named):
+        load_mae_weights(detector, str(uninterrupted[0] / "model_final.pth"))
