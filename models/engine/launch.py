@@ -4,9 +4,14 @@ detectron2 0.6's ``launch()`` always uses NCCL and CUDA. This one keeps its argu
 adds: CPU processes over gloo (so DDP runs, and is tested, without GPUs), and the env://
 rendezvous that ``torchrun`` and SLURM wrappers set up (RANK, LOCAL_RANK, WORLD_SIZE, ...).
 """
+import ctypes
 import logging
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from datetime import timedelta
 from typing import Callable, Optional, Tuple
 
@@ -53,8 +58,32 @@ def _set_local_group(num_per_machine: int, machine_rank: int) -> None:
             comm._LOCAL_PROCESS_GROUP = group
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the launching process ends, however it ends.
+
+    A launcher killed with SIGKILL (or SIGTERM, as ``timeout`` and job schedulers send) runs no
+    clean-up: its workers would train on, orphaned, writing checkpoints into a folder whose lock
+    died with the launcher, beside the ``--resume`` a user starts next. On Linux the kernel kills
+    the worker when its parent dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); elsewhere a thread
+    checks the parent's pid every second.
+    """
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    else:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+    if os.getppid() != parent_pid:  # the launcher died before the line above
+        os._exit(1)
+
+
 def _worker(local_rank: int, main_func: Callable, backend: str, world_size: int, num_per_machine: int,
-            machine_rank: int, dist_url: str, args: Tuple, timeout: timedelta) -> None:
+            machine_rank: int, dist_url: str, args: Tuple, timeout: timedelta, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     rank = machine_rank * num_per_machine + local_rank
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
@@ -109,4 +138,5 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
     logger.info("Starting %d %s process(es) on this machine (world size %d, %s)", per_machine,
                 "CPU" if backend == "gloo" else "GPU", world_size, backend)
     mp.start_processes(_worker, nprocs=per_machine, start_method="spawn", daemon=False,
-                       args=(main_func, backend, world_size, per_machine, machine_rank, dist_url, args, timeout))
+                       args=(main_func, backend, world_size, per_machine, machine_rank, dist_url, args, timeout,
+                             os.getpid()))

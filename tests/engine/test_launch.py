@@ -1,5 +1,6 @@
 """Multi-process launch without GPUs: gloo processes, and torchrun's env:// rendezvous."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -64,3 +65,60 @@ def test_more_gpus_than_present_is_a_clear_error():
         check_num_gpus(present + 2)
     with pytest.raises(ValueError, match="got -1"):
         check_num_gpus(-1)
+
+
+_SLEEPER = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import models  # noqa: F401
+from models.engine.launch import launch
+
+def sleep(folder):
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    launch(sleep, num_gpus_per_machine=0, num_cpu_processes=2, args=({folder!r},))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_workers_end_with_a_killed_launcher(tmp_path, signal_name):
+    """Orphaned workers would train on into a folder whose lock died with the launcher. The
+    launcher starts with SIGINT ignored, as a shell script's background job (``cmd &``) does:
+    torch's own parent-death signal (SIGINT) then does not end the workers."""
+    import signal
+    import time
+
+    folder = tmp_path / "pids"
+    folder.mkdir()
+    script = tmp_path / "launcher.py"
+    script.write_text(_SLEEPER.format(repo=str(REPO), folder=str(folder)))
+    launcher = subprocess.Popen([sys.executable, str(script)],
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 120
+        while len(list(folder.iterdir())) < 2 and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.1)
+        workers = [int(p.name) for p in folder.iterdir()]
+        assert len(workers) == 2 and all(map(_alive, workers))
+        launcher.send_signal(getattr(signal, signal_name))
+        launcher.wait(timeout=30)
+        deadline = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), f"workers {workers} outlived the launcher"
+    finally:
+        launcher.kill()
+        for pid in [int(p.name) for p in folder.iterdir()]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
