@@ -27,12 +27,14 @@ pre-training.
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Sequence
+from functools import partial
+from typing import Callable, Dict, List, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -90,7 +92,8 @@ def train(output: str, paths: Dict[str, Sequence[str]], opts: Sequence[str]) -> 
 
 
 # What a demo run writes besides the launcher's run files (previous_run_files).
-_DEMO_FILES = ("log.txt", "config.yaml", "metrics.png", "predictions.png", "predictions", "inference")
+_DEMO_FILES = ("log.txt", "config.yaml", "metrics.png", "predictions.png", "predictions", "inference",
+               "coco_instances_results.json", "instances_predictions.pth", "demo_seconds.json")
 
 
 def clear_demo_run(output: str) -> None:
@@ -164,6 +167,25 @@ MAE_STAGES = ("pretrain", "finetune_mae", "finetune_scratch")
 MAE_FINETUNE_ITERS = 750
 
 
+def timed(folder: str, stage: Callable[[], object]) -> float:
+    """Run ``stage()`` and return the stage's wall time over every invocation: the time of an
+    interrupted run is kept in ``folder``, and the rerun that finishes the stage adds to it."""
+    record = os.path.join(folder, "demo_seconds.json")
+    seconds = 0.0
+    if os.path.isfile(record):
+        with open(record) as f:
+            seconds = float(json.load(f).get("seconds", 0.0))
+    start = time.perf_counter()
+    try:
+        stage()
+    finally:
+        seconds += time.perf_counter() - start
+        if os.path.isdir(folder):
+            with open(record, "w") as f:
+                json.dump({"seconds": round(seconds, 1)}, f)
+    return seconds
+
+
 def mae_chain(args: argparse.Namespace, output: str) -> int:
     """``--mae``: pre-train with MAE, draw its reconstructions, fine-tune from it and from scratch."""
     if args.fresh:
@@ -172,25 +194,26 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
                 clear_demo_run(os.path.join(output, stage))
     paths = ensure_shapes(os.path.abspath(args.data), args.num_train, args.num_val)
     pretrain = os.path.join(output, "pretrain")
-    seconds = {"pretrain": launch(MAE_CONFIG, pretrain, [f"dataloader.train.dataset.folder={paths['train'][1]}",
-                                                         *args.pretrain_opt])}
+    seconds = {"pretrain": timed(pretrain, partial(
+        launch, MAE_CONFIG, pretrain, [f"dataloader.train.dataset.folder={paths['train'][1]}", *args.pretrain_opt]))}
     mae_weights = os.path.join(pretrain, "model_final.pth")
     loss_curve = plot_metrics(os.path.join(pretrain, "metrics.json"), os.path.join(output, "mae_loss.png"),
-                              smooth_window=10, title="MAE pre-training on the shapes train images (mask ratio 0.75)")
+                              smooth_window=10, title="MAE pre-training on the shapes train images")
     reconstruction = mae_reconstruct.run(mae_reconstruct.parse_args([
         paths["val"][1], "--config-file", MAE_CONFIG, "--checkpoint", mae_weights,
-        "--output", os.path.join(output, "reconstruction.png"), "--max-images", "4"]))
+        "--output", os.path.join(output, "reconstruction.png"), "--max-images", "4", "--opts", *args.pretrain_opt]))
     results = {}
     for stage, start_from in (("finetune_mae", mae_weights), ("finetune_scratch", "scratch")):
         folder = os.path.join(output, stage)
         opts = [f"train.max_iter={MAE_FINETUNE_ITERS}", *args.opts, f"mae_checkpoint.path={start_from}"]
-        seconds[stage] = train(folder, paths, opts)
+        seconds[stage] = timed(folder, partial(train, folder, paths, opts))
         results[stage] = final_results(os.path.join(folder, "metrics.json"))
         plot_metrics(os.path.join(folder, "metrics.json"), os.path.join(folder, "metrics.png"), smooth_window=10,
                      title=f"MIMDet demo fine-tuned from {'MAE' if stage == 'finetune_mae' else 'scratch'}")
-    summary = {stage: {"seconds": round(seconds[stage], 1), **{
-        f"{task}/{metric}": round(value, 2) for task, values in results.get(stage, {}).items()
-        for metric, value in values.items()}} for stage in MAE_STAGES}
+    summary = {stage: {"seconds": round(seconds[stage], 1), **{  # null for a metric COCOeval gives as NaN
+        f"{task}/{metric}": round(value, 2) if math.isfinite(value) else None
+        for task, values in results.get(stage, {}).items() for metric, value in values.items()}}
+        for stage in MAE_STAGES}
     with open(os.path.join(output, "comparison.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
@@ -200,7 +223,7 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
         box, mask = results[stage]["bbox"], results[stage]["segm"]
         print(f"| {name} | {box['AP']:.1f} | {mask['AP']:.1f} | {box['AP50']:.1f} | {mask['AP50']:.1f} | "
               f"{seconds[stage] / 60:.1f} min |")
-    print(f"\nMAE pre-training: {seconds['pretrain'] / 60:.1f} min (this invocation; a finished stage is not rerun)")
+    print(f"\nMAE pre-training: {seconds['pretrain'] / 60:.1f} min (times add up over reruns of an interrupted chain)")
     print(f"MAE loss curve:    {loss_curve}")
     print(f"Reconstructions:   {reconstruction}")
     print(f"Figures:           {os.path.join(output, 'comparison.json')}")

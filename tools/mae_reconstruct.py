@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
-from models.backbones.mae import MAEPretrainer, MaskedAutoencoderViT  # noqa: E402
+from models.backbones.mae import MAEPretrainer, MaskedAutoencoderViT, check_mask_ratio  # noqa: E402
 from models.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from models.config import load_config  # noqa: E402
 from models.data.pretrain import image_folder_records  # noqa: E402
@@ -72,6 +72,8 @@ def collect_images(inputs: Sequence[str], limit: int) -> List[str]:
 
 
 def load_model(config_file: str, checkpoint: str, opts: Sequence[str], device: str) -> MAEPretrainer:
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     model = instantiate(load_config(config_file, opts).model)
     if not isinstance(model, MAEPretrainer):
         raise ValueError(f"{config_file} builds a {type(model).__name__}, not an MAE pre-training model "
@@ -143,14 +145,20 @@ def draw_sheet(rows: List[np.ndarray], out_file: str, scale: int = 1) -> str:
 def run(args: argparse.Namespace) -> str:
     model = load_model(args.config_file, args.checkpoint, args.opts, args.device)
     mask_ratio = model.mask_ratio if args.mask_ratio is None else args.mask_ratio
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"--mask-ratio must be in (0, 1), got {mask_ratio}")
-    paths = collect_images(args.images, args.max_images)
+    check_mask_ratio(mask_ratio, model.patch_embed.num_patches)
     side = model.patch_embed.img_size[0]
-    crops = torch.stack([square_crop(path, side) for path in paths])
+    crops = []
+    for path in collect_images(args.images, args.max_images):
+        try:
+            crops.append(square_crop(path, side))
+        except OSError as e:  # not an image, truncated, ...
+            logger.warning("skipping %s, which cannot be read as an image: %s", path, e)
+    if not crops:
+        raise ValueError(f"none of {args.images} could be read as an image")
+    crops = torch.stack(crops)
     rows = reconstruct(model, crops, mask_ratio, args.seed)
     out = draw_sheet(rows, args.output, scale=-(-224 // side))  # panels drawn at least 224 px
-    logger.info("%d images, %.0f%% of patches hidden: %s", len(paths), 100 * mask_ratio, out)
+    logger.info("%d images, %.0f%% of patches hidden: %s", len(crops), 100 * mask_ratio, out)
     return out
 
 
@@ -158,7 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     try:
         run(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad arguments, missing or unreadable files, an unwritable output
         logger.error("%s", e)
         return 2
     return 0

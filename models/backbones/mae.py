@@ -19,7 +19,18 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from .encoder import init_vit_weights
 from .pos_embed import sincos_table_mae
 
-__all__ = ["MaskedAutoencoderViT", "MAEPretrainer"]
+__all__ = ["MaskedAutoencoderViT", "MAEPretrainer", "check_mask_ratio"]
+
+
+def check_mask_ratio(mask_ratio: float, num_patches: int) -> float:
+    """``mask_ratio`` as a float, if it is in (0, 1) and leaves the encoder at least one of the
+    ``num_patches`` patches; a ValueError naming it otherwise."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be a number in (0, 1), got {mask_ratio!r}")
+    if int(num_patches * (1 - mask_ratio)) < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} hides every one of the {num_patches} patches (it keeps "
+                         f"int({num_patches} x (1 - {mask_ratio})) = 0); the encoder needs at least one")
+    return float(mask_ratio)
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -39,9 +50,7 @@ class MaskedAutoencoderViT(nn.Module):
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
                  mask_ratio: float = 0.75, norm_pix_loss: bool = True) -> None:
         super().__init__()
-        if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be a number in (0, 1), got {mask_ratio!r}")
-        self.mask_ratio = float(mask_ratio)
+        self.mask_ratio = check_mask_ratio(mask_ratio, (img_size // patch_size) ** 2)
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -154,9 +163,18 @@ class MAEPretrainer(MaskedAutoencoderViT):
     In eval mode it returns ``{"loss_mae", "pred", "mask"}`` (:meth:`MaskedAutoencoderViT.forward`).
     """
 
-    def __init__(self, *, pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53),
-                 pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375), **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_eps: float = 1e-6,
+                 mask_ratio: float = 0.75, norm_pix_loss: bool = True,
+                 pixel_mean: Tuple[float, float, float] = (123.675, 116.28, 103.53),
+                 pixel_std: Tuple[float, float, float] = (58.395, 57.12, 57.375)) -> None:
+        # The arguments are spelled out (not **kwargs) so that a misspelt config key is refused
+        # when the config is loaded, not inside a worker process.
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim,
+                         decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
+                         norm_eps=norm_eps, mask_ratio=mask_ratio, norm_pix_loss=norm_pix_loss)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
 

@@ -10,7 +10,7 @@ function of its place in the data stream (see ``models.data.resumable``).
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -34,20 +34,43 @@ def _image_size(path: str) -> Union[Tuple[int, int], str]:
         return f"{type(e).__name__}: {e}"
 
 
+def _image_paths(folder: str) -> List[str]:
+    """Files under ``folder``, recursively, sorted; hidden ones left out. Symbolic links are
+    followed, but a folder or file reached twice (a link loop, two links to one place) is
+    listed once."""
+    seen_dirs, seen_files, paths = set(), set(), []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(parent, d))
+                         not in seen_dirs)
+        for name in sorted(f for f in files if not f.startswith(".")):
+            path = os.path.join(parent, name)
+            if os.path.realpath(path) not in seen_files:
+                seen_files.add(os.path.realpath(path))
+                paths.append(path)
+    return sorted(paths)
+
+
 def image_folder_records(folder: str, num_threads: int = 16) -> List[dict]:
     """``{"file_name", "width", "height"}`` for every image under ``folder`` (recursively, sorted by
-    path; hidden files and folders are left out).
+    path; hidden files and folders are left out, each file is listed once).
 
     Each file's header is read once: files that are not readable images are skipped, and their
-    count is logged with examples. A folder without a single image is an error.
+    count is logged with examples. A folder without a single image is an error. PIL refuses
+    images over 178 megapixels (a decompression-bomb guard): such a file is skipped with the
+    others, and the reason says so; cut large tiles into smaller images first.
     """
-    if not os.path.isdir(folder):
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"an image folder must be a path, got {folder!r}")
+    if not os.path.exists(folder):
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
-    paths = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        paths += [os.path.join(parent, f) for f in files if not f.startswith(".")]
-    paths.sort()
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(f"image folder {folder!r} is a file, not a folder")
+    paths = _image_paths(folder)
     with ThreadPoolExecutor(num_threads) as pool:  # header reads wait on the disk, not the CPU
         sizes = list(pool.map(_image_size, paths))
     records, unreadable = [], []
@@ -65,13 +88,17 @@ def image_folder_records(folder: str, num_threads: int = 16) -> List[dict]:
     return records
 
 
-def pretrain_images(folder: Optional[str] = None, names: Union[str, Sequence[str], None] = None) -> List[dict]:
-    """The pre-training images: those under ``folder`` and those of the registered datasets
-    ``names`` (e.g. ``coco_2017_train`` or one added by ``datasets.register``), in that order."""
+def pretrain_images(folder: Union[str, Sequence[str], None] = None,
+                    names: Union[str, Sequence[str], None] = None) -> List[dict]:
+    """The pre-training images: those under ``folder`` (one or a list) and those of the
+    registered datasets ``names`` (e.g. ``coco_2017_train`` or one added by
+    ``datasets.register``), in that order."""
     if not folder and not names:
         raise ValueError("dataloader.train.dataset needs folder=<a folder of images> or names=<registered "
                          "datasets>; neither is set")
-    records = image_folder_records(folder) if folder else []
+    records = []
+    for one in [folder] if isinstance(folder, (str, os.PathLike)) else list(folder or []):
+        records += image_folder_records(one)
     for name in [names] if isinstance(names, str) else list(names or []):
         for record in DatasetCatalog.get(name):
             records.append({key: record[key] for key in ("file_name", "width", "height") if key in record})
@@ -98,6 +125,10 @@ class MAEAugmentation:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if not 0.0 < scale[0] <= scale[1] <= 1.0:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {tuple(scale)}")
+        if not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {tuple(ratio)}")
+        if isinstance(hflip, bool) or not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip is a probability in [0, 1], got {hflip!r}")
         self.img_size, self.scale, self.ratio, self.hflip = img_size, tuple(scale), tuple(ratio), hflip
         self.num_patches = (img_size // patch_size) ** 2
 

@@ -82,3 +82,11 @@ def test_forward_gives_a_loss_and_a_prediction_per_patch():
 def test_a_mask_ratio_outside_0_1_is_named(ratio):
     with pytest.raises(ValueError, match=r"mask_ratio must be a number in \(0, 1\), got "):
         _tiny(mask_ratio=ratio)
+
+
+@pytest.mark.parametrize("ratio", [0.94, 0.999])
+def test_a_mask_ratio_that_hides_every_patch_is_named(ratio):
+    # 16 patches: int(16 * 0.06) = 0 visible
+    with pytest.raises(ValueError, match=rf"mask_ratio {ratio} hides every one of the 16 patches"):
+        _tiny(mask_ratio=ratio)
+    assert _tiny(mask_ratio=0.93).random_masking(torch.randn(1, 16, 8))[0].shape[1] == 1

@@ -1,6 +1,7 @@
 """models/data/pretrain.py: the images MAE pre-trains on (a folder, registered datasets) and
 MAE's augmentation."""
 import logging
+import os
 
 import models  # noqa: F401  (before detectron2)
 import numpy as np
@@ -36,6 +37,24 @@ def test_a_folder_gives_its_images_sorted_and_skips_unreadable_files_with_a_coun
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "skipped 3 of 6 files that are not readable images" in warning
     assert "cut.png" in warning and "empty.jpg" in warning
+
+
+def test_symbolic_links_are_followed_but_each_file_is_listed_once(folder, tmp_path_factory):
+    os.symlink(folder, folder / "sub" / "loop")  # a link back up: a loop
+    os.symlink(folder / "sub", folder / "alias")  # a second way to the same folder
+    other = tmp_path_factory.mktemp("elsewhere")
+    Image.new("RGB", (8, 8)).save(other / "d.png")
+    os.symlink(other, folder / "linked")  # a folder elsewhere: followed
+    names = [os.path.relpath(r["file_name"], folder) for r in image_folder_records(str(folder))]
+    assert names == ["a.jpg", "alias/c.png", "b.png", "linked/d.png"]
+
+
+def test_several_folders_and_a_file_for_a_folder(folder, tmp_path_factory):
+    other = tmp_path_factory.mktemp("second")
+    Image.new("RGB", (8, 8)).save(other / "e.png")
+    assert len(pretrain_images(folder=[str(folder), str(other)])) == 4
+    with pytest.raises(NotADirectoryError, match=r"image folder .*b\.png' is a file, not a folder"):
+        pretrain_images(folder=str(folder / "b.png"))
 
 
 def test_a_folder_without_images_or_a_missing_one_is_named(tmp_path):
@@ -90,6 +109,8 @@ def test_whole_image_crops_and_flips_are_exact(tmp_path):
     (dict(img_size=30, patch_size=16), "img_size 30 is not a multiple of patch_size 16"),
     (dict(scale=(0.0, 1.0)), r"scale must be \(low, high\) with 0 < low <= high <= 1, got \(0.0, 1.0\)"),
     (dict(scale=(0.8, 0.2)), r"got \(0.8, 0.2\)"),
+    (dict(ratio=(0.0, 1.0)), r"ratio must be \(low, high\) with 0 < low <= high, got \(0.0, 1.0\)"),
+    (dict(hflip=2), r"hflip is a probability in \[0, 1\], got 2"),
 ])
 def test_bad_augmentation_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -156,3 +156,17 @@ def test_a_checkpoint_of_another_width_names_the_mismatched_keys_in_mimdet(unint
     named = r"blocks\.0\.attn\.qkv\.weight: checkpoint \(96, 32\) vs backbone \(288, 96\)"
     with pytest.raises(ValueError, match=named):
         load_mae_weights(detector, str(uninterrupted[0] / "model_final.pth"))
+
+
+def test_the_reconstruction_tool_names_bad_inputs_and_skips_unreadable_images(uninterrupted, image_folder, tmp_path,
+                                                                              caplog):
+    checkpoint = str(uninterrupted[0] / "model_final.pth")
+    base = ["--config-file", MAE_B, "--output", str(tmp_path / "r.png"), "--opts", *TINY_MODEL]
+    assert mae_reconstruct.main([str(image_folder), "--checkpoint", str(tmp_path / "none.pth"), *base]) == 2
+    assert "--checkpoint " + str(tmp_path / "none.pth") + ": no such file" in caplog.text
+    assert mae_reconstruct.main([str(image_folder), "--checkpoint", checkpoint, "--mask-ratio", "0.97", *base]) == 2
+    assert "mask_ratio 0.97 hides every one of the 16 patches" in caplog.text
+    broken = image_folder / "broken.jpg"
+    assert mae_reconstruct.main([str(broken), str(image_folder / "00.png"), "--checkpoint", checkpoint, *base]) == 0
+    assert f"skipping {broken}, which cannot be read as an image" in caplog.text
+    assert Image.open(tmp_path / "r.png").size == (4 * 224, mae_reconstruct.TITLE_HEIGHT + 224)  # one image drawn
