@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train or evaluate a detector described by a LazyConfig python file.
+"""Train or evaluate a detector described by a LazyConfig python file, or pre-train its ViT
+with MAE (configs/mae/: no evaluator, no classes; the checkpoint is MAE's format).
 
     python lazyconfig_train_net.py --config-file CONFIG --num-gpus N [key=value ...]
     python lazyconfig_train_net.py --config-file CONFIG --num-gpus N --eval-only train.init_checkpoint=MODEL
