@@ -198,7 +198,8 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
         launch, MAE_CONFIG, pretrain, [f"dataloader.train.dataset.folder={paths['train'][1]}", *args.pretrain_opt]))}
     mae_weights = os.path.join(pretrain, "model_final.pth")
     loss_curve = plot_metrics(os.path.join(pretrain, "metrics.json"), os.path.join(output, "mae_loss.png"),
-                              smooth_window=10, title="MAE pre-training on the shapes train images")
+                              smooth_window=1,  # each logged loss is already a 20-iteration median
+                              title="MAE pre-training on the shapes train images")
     reconstruction = mae_reconstruct.run(mae_reconstruct.parse_args([
         paths["val"][1], "--config-file", MAE_CONFIG, "--checkpoint", mae_weights,
         "--output", os.path.join(output, "reconstruction.png"), "--max-images", "4", "--opts", *args.pretrain_opt]))

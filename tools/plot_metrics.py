@@ -92,7 +92,7 @@ def plot_metrics(metrics_file: str, out_file: str, smooth_window: int = 20, titl
         loss_axis.plot(iterations, smooth(values, smooth_window), label=key,
                        linewidth=2.0 if key == "total_loss" else 1.0)
     loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel(f"loss (moving average of {smooth_window})")
+    loss_axis.set_ylabel(f"loss (moving average of {smooth_window})" if smooth_window > 1 else "loss")
     loss_axis.grid(alpha=0.3)
     loss_axis.legend(loc="center right", fontsize="small")
     if lr is not None:
