@@ -147,6 +147,8 @@ def test_the_mae_check_lets_other_starts_through_and_checks_files_first(tmp_path
         r"mae_checkpoint.path=/no/mae\.pth: no such file$": ["mae_checkpoint.path=/no/mae.pth"],
         r"mae_checkpoint.path=Scratch: no such file \(mae_checkpoint.path=scratch trains":
             ["mae_checkpoint.path=Scratch"],
+        r"mae_checkpoint.path=.*out: a folder, not a checkpoint file \(its final checkpoint would be .*out/model_final":
+            [f"mae_checkpoint.path={out}"],
     }
     for message, argv in cases.items():
         with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -72,10 +72,14 @@ def test_final_results_needs_an_evaluation(tmp_path):
     assert demo.final_results(str(metrics)) == {"bbox": {"AP": 12.5, "AP50": 30.0}, "segm": {"AP": 10.0}}
 
 
+def _pretrain_opts(*extra):
+    opts = ["train.max_iter=3", "dataloader.train.total_batch_size=4", "dataloader.train.num_workers=0",
+            "model.decoder_depth=1", *extra]  # the reconstruction is drawn by the model pre-trained, 1 decoder block
+    return [arg for opt in opts for arg in ("--pretrain-opt", opt)]
+
+
 def test_mae_chain_pretrains_draws_and_compares_two_fine_tunings(tmp_path):
-    pretrain = ["train.max_iter=3", "dataloader.train.total_batch_size=4", "dataloader.train.num_workers=0",
-                "model.decoder_depth=1"]  # the reconstruction is drawn by the model pre-trained, 1 decoder block
-    result = _run_demo(tmp_path, "--mae", *(arg for opt in pretrain for arg in ("--pretrain-opt", opt)))
+    result = _run_demo(tmp_path, "--mae", *_pretrain_opts())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / "run"
     assert "NaN" not in (run / "comparison.json").read_text()  # strict JSON: COCOeval's NaN (APl) is null
@@ -92,3 +96,59 @@ def test_mae_chain_pretrains_draws_and_compares_two_fine_tunings(tmp_path):
     for name in ("reconstruction.png", "mae_loss.png"):
         with Image.open(run / name) as picture:
             assert picture.format == "PNG" and min(picture.size) >= 200
+
+    # A rerun with the same settings skips the finished stages; another pre-training redoes the
+    # fine-tuning that started from it, not the one from scratch.
+    again = _run_demo(tmp_path, "--mae", *_pretrain_opts())
+    assert again.returncode == 0 and again.stderr.count("is finished with these settings; not rerun") == 3
+    assert json.loads((run / "comparison.json").read_text()) == summary
+    other = _run_demo(tmp_path, "--mae", *_pretrain_opts("train.max_iter=4"))
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert f"{run / 'pretrain'} ran with other settings" in other.stderr
+    assert f"{run / 'finetune_mae'} ran with other settings" in other.stderr
+    assert f"{run / 'finetune_scratch'} is finished with these settings" in other.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                if f"\nPPid:\t{pid}\n" in f.read():
+                    found.append(int(entry))
+        except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_terminated_demo_takes_its_training_run_with_it(tmp_path):
+    import signal
+    import time
+
+    command = [sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--output", str(tmp_path / "run"),
+               "--data", str(tmp_path / "shapes"), "--num-train", "8", "--num-val", "3", "train.max_iter=100000",
+               "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0"]
+    demo_process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        launchers = _children(demo_process.pid)
+        assert launchers and all(map(_alive, launchers))
+        demo_process.send_signal(signal.SIGTERM)
+        assert demo_process.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while any(map(_alive, launchers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, launchers)), "the launcher outlived the demo"
+    finally:
+        demo_process.kill()

@@ -25,11 +25,13 @@ The ``key=value`` overrides go to both fine-tuning runs, ``--pretrain-opt key=va
 pre-training.
 """
 import argparse
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ sys.path.insert(0, ROOT)
 from PIL import Image  # noqa: E402
 
 from models.data.synthetic_shapes import ensure_shapes  # noqa: E402
+from models.engine.launch import kill_me_with_parent  # noqa: E402
 from models.engine.run_folder import hold_run_folder, previous_run_files  # noqa: E402
 from tools import infer, mae_reconstruct  # noqa: E402
 from tools.plot_metrics import plot_metrics, read_metrics  # noqa: E402
@@ -80,7 +83,9 @@ def launch(config: str, output: str, opts: Sequence[str]) -> float:
     command = [sys.executable, LAUNCHER, "--config-file", config, "--resume", f"train.output_dir={output}", *opts]
     logger.info("Running: %s", " ".join(command))
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    # The launcher ends with the demo, however the demo ends (a SIGKILL included): an orphan
+    # would train on and hold the run folder against the rerun.
+    subprocess.run(command, cwd=ROOT, check=True, preexec_fn=kill_me_with_parent if os.name == "posix" else None)
     return time.perf_counter() - start
 
 
@@ -93,7 +98,7 @@ def train(output: str, paths: Dict[str, Sequence[str]], opts: Sequence[str]) -> 
 
 # What a demo run writes besides the launcher's run files (previous_run_files).
 _DEMO_FILES = ("log.txt", "config.yaml", "metrics.png", "predictions.png", "predictions", "inference",
-               "coco_instances_results.json", "instances_predictions.pth", "demo_seconds.json")
+               "coco_instances_results.json", "instances_predictions.pth", "demo_stage.json")
 
 
 def clear_demo_run(output: str) -> None:
@@ -167,23 +172,50 @@ MAE_STAGES = ("pretrain", "finetune_mae", "finetune_scratch")
 MAE_FINETUNE_ITERS = 750
 
 
-def timed(folder: str, stage: Callable[[], object]) -> float:
-    """Run ``stage()`` and return the stage's wall time over every invocation: the time of an
-    interrupted run is kept in ``folder``, and the rerun that finishes the stage adds to it."""
-    record = os.path.join(folder, "demo_seconds.json")
-    seconds = 0.0
+def run_stage(folder: str, settings: dict, stage: Callable[[], object]) -> float:
+    """Run one stage of the ``--mae`` chain in ``folder``; return its wall time over every invocation.
+
+    ``settings`` (the stage's overrides and the weights it starts from) are kept in the folder
+    with the time. A rerun with the same settings continues an interrupted stage, adding to its
+    time, and skips a finished one; with other settings the stage starts over, so the chain's
+    results always belong together.
+    """
+    record = os.path.join(folder, "demo_stage.json")
+    kept = {}
     if os.path.isfile(record):
         with open(record) as f:
-            seconds = float(json.load(f).get("seconds", 0.0))
+            kept = json.load(f)
+    if kept and kept.get("settings") != settings:
+        logger.info("%s ran with other settings (%s); starting it over", folder, kept.get("settings"))
+        clear_demo_run(folder)
+        kept = {}
+    seconds = float(kept.get("seconds", 0.0))
+    if kept.get("finished") and os.path.isfile(os.path.join(folder, "model_final.pth")):
+        logger.info("%s is finished with these settings; not rerun (--fresh starts over)", folder)
+        return seconds
     start = time.perf_counter()
+    finished = False
     try:
         stage()
-    finally:
+        finished = True
+    finally:  # also when interrupted: the next invocation adds to this time
         seconds += time.perf_counter() - start
         if os.path.isdir(folder):
             with open(record, "w") as f:
-                json.dump({"seconds": round(seconds, 1)}, f)
+                json.dump({"settings": settings, "seconds": round(seconds, 1), "finished": finished}, f)
     return seconds
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_CHAIN_PICTURES = ("comparison.json", "mae_loss.png", "reconstruction.png")
 
 
 def mae_chain(args: argparse.Namespace, output: str) -> int:
@@ -192,10 +224,14 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
         for stage in MAE_STAGES:
             if os.path.isdir(os.path.join(output, stage)):
                 clear_demo_run(os.path.join(output, stage))
+        for name in _CHAIN_PICTURES:
+            if os.path.isfile(os.path.join(output, name)):
+                os.remove(os.path.join(output, name))
     paths = ensure_shapes(os.path.abspath(args.data), args.num_train, args.num_val)
     pretrain = os.path.join(output, "pretrain")
-    seconds = {"pretrain": timed(pretrain, partial(
-        launch, MAE_CONFIG, pretrain, [f"dataloader.train.dataset.folder={paths['train'][1]}", *args.pretrain_opt]))}
+    pretrain_opts = [f"dataloader.train.dataset.folder={paths['train'][1]}", *args.pretrain_opt]
+    seconds = {"pretrain": run_stage(pretrain, {"opts": pretrain_opts},
+                                     partial(launch, MAE_CONFIG, pretrain, pretrain_opts))}
     mae_weights = os.path.join(pretrain, "model_final.pth")
     loss_curve = plot_metrics(os.path.join(pretrain, "metrics.json"), os.path.join(output, "mae_loss.png"),
                               smooth_window=1,  # each logged loss is already a 20-iteration median
@@ -207,7 +243,8 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
     for stage, start_from in (("finetune_mae", mae_weights), ("finetune_scratch", "scratch")):
         folder = os.path.join(output, stage)
         opts = [f"train.max_iter={MAE_FINETUNE_ITERS}", *args.opts, f"mae_checkpoint.path={start_from}"]
-        seconds[stage] = timed(folder, partial(train, folder, paths, opts))
+        weights = file_digest(start_from) if start_from != "scratch" else "scratch"
+        seconds[stage] = run_stage(folder, {"opts": opts, "weights": weights}, partial(train, folder, paths, opts))
         results[stage] = final_results(os.path.join(folder, "metrics.json"))
         plot_metrics(os.path.join(folder, "metrics.json"), os.path.join(folder, "metrics.png"), smooth_window=10,
                      title=f"MIMDet demo fine-tuned from {'MAE' if stage == 'finetune_mae' else 'scratch'}")
@@ -218,22 +255,39 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
     with open(os.path.join(output, "comparison.json"), "w") as f:
         json.dump(summary, f, indent=1)
 
-    print("\nMIMDet demo fine-tuned from a few minutes of MAE pre-training vs from random weights, same recipe\n")
+    print(f"\nMIMDet demo fine-tuned from {seconds['pretrain'] / 60:.1f} min of MAE pre-training vs from random "
+          "weights, same recipe\n")
     print("| start | box AP | mask AP | box AP50 | mask AP50 | fine-tuning time |\n|---|---|---|---|---|---|")
     for stage, name in (("finetune_mae", "MAE pre-trained"), ("finetune_scratch", "random weights")):
         box, mask = results[stage]["bbox"], results[stage]["segm"]
         print(f"| {name} | {box['AP']:.1f} | {mask['AP']:.1f} | {box['AP50']:.1f} | {mask['AP50']:.1f} | "
               f"{seconds[stage] / 60:.1f} min |")
-    print(f"\nMAE pre-training: {seconds['pretrain'] / 60:.1f} min (times add up over reruns of an interrupted chain)")
+    print(f"\nMAE pre-training: {seconds['pretrain'] / 60:.1f} min (the times of an interrupted stage and of the run "
+          "that finishes it add up)")
     print(f"MAE loss curve:    {loss_curve}")
     print(f"Reconstructions:   {reconstruction}")
     print(f"Figures:           {os.path.join(output, 'comparison.json')}")
     return 0
 
 
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # SIGTERM (timeout, a scheduler): unwind, so stage times are kept
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        return run(parse_args(argv))
+    except subprocess.CalledProcessError as e:
+        logger.error("the launcher stopped with exit status %d; its messages are above", e.returncode)
+        return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted; run the same command again to continue")
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     output = os.path.abspath(args.output or os.path.join("output", "demo_mae" if args.mae else "demo"))
     if args.mae:
         return mae_chain(args, output)

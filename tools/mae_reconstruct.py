@@ -78,7 +78,11 @@ def load_model(config_file: str, checkpoint: str, opts: Sequence[str], device: s
     if not isinstance(model, MAEPretrainer):
         raise ValueError(f"{config_file} builds a {type(model).__name__}, not an MAE pre-training model "
                          "(configs/mae/*.py)")
-    SafeDetectionCheckpointer(model, strict=True).load(checkpoint)  # every weight drawn comes from the file
+    try:
+        SafeDetectionCheckpointer(model, strict=True).load(checkpoint)  # every weight drawn comes from the file
+    except ValueError as e:
+        raise ValueError(f"{e}\nWas the checkpoint pre-trained with model overrides? Pass the same ones with "
+                         "--opts (the run's config.yaml holds its settings).") from None
     return model.to(device).eval()
 
 

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from detectron2.utils import comm
 
-__all__ = ["launch", "check_num_gpus", "free_port_url", "TORCHRUN_VARS"]
+__all__ = ["launch", "check_num_gpus", "free_port_url", "kill_me_with_parent", "TORCHRUN_VARS"]
 
 logger = logging.getLogger(__name__)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -58,6 +58,16 @@ def _set_local_group(num_per_machine: int, machine_rank: int) -> None:
             comm._LOCAL_PROCESS_GROUP = group
 
 
+def kill_me_with_parent() -> bool:
+    """Ask the kernel for a SIGKILL when this process's parent dies (Linux's
+    ``prctl(PR_SET_PDEATHSIG)``; it survives ``exec``, so it also serves as a ``preexec_fn``).
+    Returns False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    return ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) == 0
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """End this worker when the launching process ends, however it ends.
 
@@ -67,10 +77,7 @@ def _die_with_parent(parent_pid: int) -> None:
     the worker when its parent dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); elsewhere a thread
     checks the parent's pid every second.
     """
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1  # <linux/prctl.h>
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    else:
+    if not kill_me_with_parent():
         def watch() -> None:
             while os.getppid() == parent_pid:
                 time.sleep(1.0)

@@ -133,7 +133,7 @@ def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: 
         check_not_diverged(cfg.train.output_dir)
         return  # the checkpoint's weights are loaded; MAE and init weights are not read
     if init and not os.path.isfile(init):
-        raise FileNotFoundError(f"train.init_checkpoint={init}: no such file")
+        raise FileNotFoundError(f"train.init_checkpoint={init}: {_not_a_file(init)}")
     mae = cfg.get("mae_checkpoint", None)
     if eval_only or mae is None:
         return
@@ -150,7 +150,15 @@ def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: 
     if not os.path.isfile(str(path)):
         hint = f" (mae_checkpoint.path={SCRATCH} trains from random weights)" if str(path).lower() in (
             SCRATCH, "none", "null") else ""
-        raise FileNotFoundError(f"mae_checkpoint.path={path}: no such file{hint}")
+        raise FileNotFoundError(f"mae_checkpoint.path={path}: {_not_a_file(str(path))}{hint}")
+
+
+def _not_a_file(path: str) -> str:
+    """Why ``path`` is not a checkpoint file, naming the run's final checkpoint for a run folder."""
+    if os.path.isdir(path):
+        final = os.path.join(path, "model_final.pth")
+        return f"a folder, not a checkpoint file (its final checkpoint would be {final})"
+    return "no such file"
 
 
 def check_classes(extra: dict, cfg) -> None:
