@@ -75,25 +75,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def launch(config: str, output: str, opts: Sequence[str]) -> float:
+def launch(config: str, output: str, opts: Sequence[str]) -> None:
     """Run the launcher with ``--resume`` (an interrupted demo run continues; without a
-    checkpoint it starts anew); return the seconds it took."""
+    checkpoint it starts anew)."""
     if os.path.isfile(os.path.join(output, "last_checkpoint")):
         logger.info("Continuing the demo run in %s (use --fresh to start over)", output)
     command = [sys.executable, LAUNCHER, "--config-file", config, "--resume", f"train.output_dir={output}", *opts]
     logger.info("Running: %s", " ".join(command))
-    start = time.perf_counter()
     # The launcher ends with the demo, however the demo ends (a SIGKILL included): an orphan
     # would train on and hold the run folder against the rerun.
     subprocess.run(command, cwd=ROOT, check=True, preexec_fn=kill_me_with_parent if os.name == "posix" else None)
-    return time.perf_counter() - start
 
 
-def train(output: str, paths: Dict[str, Sequence[str]], opts: Sequence[str]) -> float:
-    """Train and evaluate the demo detector through the launcher; return the seconds it took."""
+def train(output: str, paths: Dict[str, Sequence[str]], opts: Sequence[str]) -> None:
+    """Train and evaluate the demo detector through the launcher."""
     register = ",".join(f"{{name:shapes_{split},json_file:'{json_file}',image_root:'{image_root}'}}"
                         for split, (json_file, image_root) in paths.items())
-    return launch(CONFIG, output, [f"datasets.register=[{register}]", *opts])
+    launch(CONFIG, output, [f"datasets.register=[{register}]", *opts])
 
 
 # What a demo run writes besides the launcher's run files (previous_run_files).

@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import functional as F  # noqa: E402
 from models.backbones.mae import MAEPretrainer, MaskedAutoencoderViT, check_mask_ratio  # noqa: E402
 from models.checkpoint import SafeDetectionCheckpointer  # noqa: E402
 from models.config import load_config  # noqa: E402
-from models.data.pretrain import image_folder_records  # noqa: E402
+from models.data.pretrain import image_paths  # noqa: E402
 
 logger = logging.getLogger("mimdet.mae_reconstruct")
 
@@ -60,8 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def collect_images(inputs: Sequence[str], limit: int) -> List[str]:
     paths: List[str] = []
     for item in inputs:
-        if os.path.isdir(item):
-            paths += [r["file_name"] for r in image_folder_records(item)]
+        if os.path.isdir(item):  # its files, unread: those that are not images are skipped when drawn
+            paths += image_paths(item)
         elif os.path.isfile(item):
             paths.append(item)
         else:
@@ -117,17 +117,9 @@ def reconstruct(model: MAEPretrainer, crops: torch.Tensor, mask_ratio: float, se
     std, mean = model.pixel_std.cpu(), model.pixel_mean.cpu()
     drawn = []
     for name in COLUMNS:
-        pixels = unpatchify(panels[name].cpu(), model.patch_size) * std + mean
+        pixels = model.unpatchify(panels[name].cpu()) * std + mean
         drawn.append(pixels.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy())
     return [np.stack([d[i] for d in drawn]) for i in range(crops.shape[0])]
-
-
-def unpatchify(patches: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, L, p*p*3) -> (B, 3, H, W), the inverse of ``MaskedAutoencoderViT.patchify``."""
-    batch, length, _ = patches.shape
-    side = int(length ** 0.5)
-    x = patches.reshape(batch, side, side, p, p, 3)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, 3, side * p, side * p)
 
 
 def draw_sheet(rows: List[np.ndarray], out_file: str, scale: int = 1) -> str:

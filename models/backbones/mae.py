@@ -88,6 +88,13 @@ class MaskedAutoencoderViT(nn.Module):
         x = images.reshape(batch, channels, height // p, p, width // p, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(batch, (height // p) * (width // p), p * p * channels)
 
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, L, p*p*C) -> (B, C, H, W) for square images, the inverse of :meth:`patchify`."""
+        batch, length, values = patches.shape
+        p, side = self.patch_size, int(length ** 0.5)
+        x = patches.reshape(batch, side, side, p, p, values // (p * p))
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, -1, side * p, side * p)
+
     def random_masking(self, tokens: torch.Tensor, noise: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep ``int(L * (1 - mask_ratio))`` random tokens per image: those of the smallest ``noise``

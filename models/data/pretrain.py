@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as F
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 
-__all__ = ["pretrain_images", "image_folder_records", "MAEAugmentation"]
+__all__ = ["pretrain_images", "image_folder_records", "image_paths", "MAEAugmentation"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def _image_size(path: str) -> Union[Tuple[int, int], str]:
         return f"{type(e).__name__}: {e}"
 
 
-def _image_paths(folder: str) -> List[str]:
+def image_paths(folder: str) -> List[str]:
     """Files under ``folder``, recursively, sorted; hidden ones left out. Symbolic links are
     followed, but a folder or file reached twice (a link loop, two links to one place) is
     listed once."""
@@ -70,7 +70,7 @@ def image_folder_records(folder: str, num_threads: int = 16) -> List[dict]:
         raise FileNotFoundError(f"image folder {folder!r} does not exist")
     if not os.path.isdir(folder):
         raise NotADirectoryError(f"image folder {folder!r} is a file, not a folder")
-    paths = _image_paths(folder)
+    paths = image_paths(folder)
     with ThreadPoolExecutor(num_threads) as pool:  # header reads wait on the disk, not the CPU
         sizes = list(pool.map(_image_size, paths))
     records, unreadable = [], []

@@ -90,3 +90,9 @@ def test_a_mask_ratio_that_hides_every_patch_is_named(ratio):
     with pytest.raises(ValueError, match=rf"mask_ratio {ratio} hides every one of the 16 patches"):
         _tiny(mask_ratio=ratio)
     assert _tiny(mask_ratio=0.93).random_masking(torch.randn(1, 16, 8))[0].shape[1] == 1
+
+
+def test_unpatchify_inverts_patchify():
+    model = _tiny()
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model.unpatchify(model.patchify(images)), images)
