@@ -19,7 +19,7 @@ pre-trains the demo's ViT with MAE on the train images first (configs/mae/mae_pr
 into OUTPUT/pretrain; its loss curve is OUTPUT/mae_loss.png, its reconstructions of val images
 OUTPUT/reconstruction.png), then fine-tunes MIMDet from that checkpoint (OUTPUT/finetune_mae)
 and, for comparison, from random weights with the same recipe and iterations
-(OUTPUT/finetune_scratch; 750 iterations each, half the demo's), and prints both APs with
+(OUTPUT/finetune_scratch; 700 iterations each, half the demo's), and prints both APs with
 their times (also in OUTPUT/comparison.json).
 The ``key=value`` overrides go to both fine-tuning runs, ``--pretrain-opt key=value`` to the
 pre-training.
@@ -55,7 +55,7 @@ CONFIG = os.path.join(ROOT, "configs", "demo", "mimdet_shapes.py")
 MAE_CONFIG = os.path.join(ROOT, "configs", "mae", "mae_pretrain_shapes.py")
 LAUNCHER = os.path.join(ROOT, "lazyconfig_train_net.py")
 DATA_ROOT = os.path.join(ROOT, "datasets", "shapes")
-TARGETS = {"bbox": 40.0, "segm": 35.0}  # AP the demo is expected to reach
+TARGETS = {"bbox": 50.0, "segm": 45.0}  # AP the demo is expected to reach (seeds 0 and 1 do)
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -166,8 +166,8 @@ def ap_table(results: Dict[str, Dict[str, float]]) -> str:
 
 MAE_STAGES = ("pretrain", "finetune_mae", "finetune_scratch")
 # Both fine-tunings run half the demo's schedule (its lr steps follow): where the start matters
-# most, and the chain stays near 10 minutes. train.max_iter=1500 runs the whole demo schedule.
-MAE_FINETUNE_ITERS = 750
+# most, and the chain stays near 10 minutes. train.max_iter=1400 runs the whole demo schedule.
+MAE_FINETUNE_ITERS = 700
 
 
 def run_stage(folder: str, settings: dict, stage: Callable[[], object]) -> float:

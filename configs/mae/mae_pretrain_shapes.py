@@ -1,5 +1,5 @@
-"""MAE pre-training at the demo's ViT width (configs/demo/mimdet_shapes.py: 192 wide, 6 blocks,
-3 heads; a 64-wide decoder with 4 heads, whose first block the demo's MIMDet takes) on the
+"""MAE pre-training at the demo's ViT width (configs/demo/mimdet_shapes.py: 192 wide, 3 blocks,
+3 heads; a 32-wide decoder with 4 heads, whose first block the demo's MIMDet takes) on the
 synthetic shapes train images, a few minutes on a CPU (``tools/demo.py --mae``).
 
 MAE's recipe otherwise, with two changes for a run of minutes instead of days: the crops are
@@ -8,7 +8,7 @@ learning rate is 10x MAE's (1.5e-3 x batch / 256), as the schedule is 1000 times
 """
 from .mae_pretrain_vit_base import dataloader, datasets, lr_multiplier, model, optimizer, train
 
-model.update(img_size=128, embed_dim=192, depth=6, num_heads=3, decoder_embed_dim=64, decoder_depth=2,
+model.update(img_size=128, embed_dim=192, depth=3, num_heads=3, decoder_embed_dim=32, decoder_depth=2,
              decoder_num_heads=4)
 dataloader.train.dataset.folder = "datasets/shapes/train"
 dataloader.train.total_batch_size = 64

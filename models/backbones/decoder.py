@@ -13,6 +13,7 @@ from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .attention import choose_attention_kernel
 from .encoder import init_vit_weights
 from .pos_embed import ResizedTableCache, sincos_table_mae
 
@@ -99,6 +100,7 @@ class MAEDecoderCompletion(nn.Module):
         # The fp32 table keeps the residual stream, and so c4, in fp32 under autocast (as the original).
         x = x + self.pos_table((grid_h, grid_w))
         use_checkpoint = self.use_act_checkpoint and self.training and torch.is_grad_enabled()
+        choose_attention_kernel(self.decoder_blocks, x)
         for block in self.decoder_blocks:
             x = activation_checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
         x = self.decoder_norm(x)

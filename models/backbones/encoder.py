@@ -12,6 +12,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .attention import choose_attention_kernel
 from .conv_stem import ConvStem
 from .pos_embed import ResizedTableCache, sincos_table_mae
 
@@ -139,6 +140,7 @@ class PartialObservationEncoder(nn.Module):
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT blocks and the final norm on (B, N, D) tokens."""
         use_checkpoint = self.use_act_checkpoint and self.training and torch.is_grad_enabled()
+        choose_attention_kernel(self.blocks, tokens)
         for block in self.blocks:
             tokens = activation_checkpoint(block, tokens, use_reentrant=False) if use_checkpoint else block(tokens)
         return self.norm(tokens)

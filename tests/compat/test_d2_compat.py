@@ -1,5 +1,6 @@
 """detectron2 0.6 on today's stack: the compatibility layer, and that it touches nothing that works."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -367,3 +368,14 @@ def test_16_bit_grayscale_images_are_scaled_not_clipped_to_white(tmp_path, write
         assert image.shape == (48, 64, 3) and image.dtype == np.uint8
         assert all(np.array_equal(image[..., c], expected) for c in range(3))
     assert (image == 255).mean() < 0.01  # detectron2 alone clipped every pixel above 255 to white
+
+
+@pytest.mark.parametrize("given, kept", [(None, "16384"), ("99", "99")])
+def test_importing_models_makes_room_for_onednn_primitives_unless_told_otherwise(given, kept):
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if given is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
+    code = "import os, models; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == kept
