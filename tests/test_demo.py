@@ -1,5 +1,6 @@
 """The demo (tools/demo.py) end to end on a few generated images and iterations."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,11 +66,20 @@ def test_rerun_continues_and_fresh_starts_over(demo_run):
 def test_final_results_needs_an_evaluation(tmp_path):
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")
-    with pytest.raises(RuntimeError, match="holds no \\['bbox', 'segm'\\] evaluation"):
+    with pytest.raises(RuntimeError, match="holds no evaluation"):
         demo.final_results(str(metrics))
     metrics.write_text(metrics.read_text() + json.dumps({"iteration": 1, "bbox/AP": 12.5, "bbox/AP50": 30.0,
                                                          "segm/AP": 10.0}) + "\n")
     assert demo.final_results(str(metrics)) == {"bbox": {"AP": 12.5, "AP50": 30.0}, "segm": {"AP": 10.0}}
+
+
+def test_a_model_without_detections_is_reported_below_target_not_as_a_crash(tmp_path, capsys):
+    # COCOEvaluator writes NaN box figures and no mask figures when nothing was detected
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"iteration": 9, "bbox/AP": float("nan"), "bbox/AP50": float("nan")}) + "\n")
+    results = demo.final_results(str(metrics))
+    assert set(results) == {"bbox", "segm"}
+    assert all(math.isnan(results[task][metric]) for task in results for metric in demo.METRICS)
 
 
 def _pretrain_opts(*extra):

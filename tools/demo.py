@@ -72,7 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrain-opt", action="append", default=[], metavar="KEY=VALUE",
                         help="with --mae: a config override for the MAE pre-training (repeatable)")
     parser.add_argument("opts", nargs="*", metavar="KEY=VALUE", help="config overrides for the launcher")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if os.path.exists(args.data) and not os.path.isdir(args.data):
+        parser.error(f"--data {args.data} is a file; it takes a folder (the shapes are generated there if absent)")
+    return args
 
 
 def launch(config: str, output: str, opts: Sequence[str]) -> None:
@@ -124,9 +127,12 @@ def final_results(metrics_file: str) -> Dict[str, Dict[str, float]]:
             task, _, metric = key.partition("/")
             if task in TARGETS and metric in METRICS:
                 results.setdefault(task, {})[metric] = value
-    missing = [task for task in TARGETS if task not in results]
-    if missing:
-        raise RuntimeError(f"{metrics_file} holds no {missing} evaluation; did training reach its end?")
+    if not results:
+        raise RuntimeError(f"{metrics_file} holds no evaluation; did training reach its end?")
+    for task in TARGETS:  # COCOEvaluator writes no segm figures when the model detected nothing
+        if task not in results or all(math.isnan(v) for v in results[task].values()):
+            logger.warning("no %s AP: the model made no detections on the val images", task)
+            results[task] = {metric: float("nan") for metric in METRICS}
     return results
 
 
@@ -307,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"Training curves:   {curve}")
     print(f"Predictions:       {pictures} (one PNG per image in {os.path.join(output, 'predictions')})")
     short = [f"{task} AP {results[task]['AP']:.1f} < {target}" for task, target in TARGETS.items()
-             if results[task]["AP"] < target]
+             if not results[task]["AP"] >= target]  # NaN (no detections) is short too
     if short:
         print("Below the demo's targets: " + ", ".join(short))
     else:

@@ -14,12 +14,10 @@ attention matrix for the backward pass (75 MB a block for ViT-B at 1024 tokens),
 used only up to ``MAX_UNFUSED_TOKENS``. In fp32 and on CUDA the fused kernel is as fast or
 faster and needs no such matrix, so it stays on there. Both compute the same function.
 """
-from typing import Iterable
-
 import torch
 import torch.nn as nn
 
-__all__ = ["MAX_UNFUSED_TOKENS", "wants_fused_attention", "choose_attention_kernel"]
+__all__ = ["MAX_UNFUSED_TOKENS", "wants_fused_attention", "run_block"]
 
 MAX_UNFUSED_TOKENS = 1024
 
@@ -35,8 +33,13 @@ def wants_fused_attention(tokens: torch.Tensor) -> bool:
     return not short_cpu_bf16
 
 
-def choose_attention_kernel(blocks: Iterable[nn.Module], tokens: torch.Tensor) -> None:
-    """Set ``fused_attn`` of every timm block in ``blocks`` for a pass over ``tokens``."""
-    fused = wants_fused_attention(tokens)
-    for block in blocks:
-        block.attn.fused_attn = fused
+def run_block(block: nn.Module, tokens: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Run the timm ``block`` on ``tokens`` with the fused kernel or without.
+
+    The choice is set on the block right before it runs, inside the function that activation
+    checkpointing recomputes in the backward pass: the recomputation uses the kernel of its own
+    forward even if another forward in between (an evaluation, a longer sequence) chose the
+    other one.
+    """
+    block.attn.fused_attn = fused
+    return block(tokens)

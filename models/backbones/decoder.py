@@ -13,7 +13,7 @@ from einops import rearrange
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .attention import choose_attention_kernel
+from .attention import run_block, wants_fused_attention
 from .encoder import init_vit_weights
 from .pos_embed import ResizedTableCache, sincos_table_mae
 
@@ -100,8 +100,9 @@ class MAEDecoderCompletion(nn.Module):
         # The fp32 table keeps the residual stream, and so c4, in fp32 under autocast (as the original).
         x = x + self.pos_table((grid_h, grid_w))
         use_checkpoint = self.use_act_checkpoint and self.training and torch.is_grad_enabled()
-        choose_attention_kernel(self.decoder_blocks, x)
+        fused = wants_fused_attention(x)
         for block in self.decoder_blocks:
-            x = activation_checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+            step = partial(run_block, block, fused=fused)
+            x = activation_checkpoint(step, x, use_reentrant=False) if use_checkpoint else step(x)
         x = self.decoder_norm(x)
         return rearrange(x, "b (h w) c -> b c h w", h=grid_h, w=grid_w)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .attention import choose_attention_kernel
+from .attention import run_block, wants_fused_attention
 from .conv_stem import ConvStem
 from .pos_embed import ResizedTableCache, sincos_table_mae
 
@@ -140,9 +140,10 @@ class PartialObservationEncoder(nn.Module):
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT blocks and the final norm on (B, N, D) tokens."""
         use_checkpoint = self.use_act_checkpoint and self.training and torch.is_grad_enabled()
-        choose_attention_kernel(self.blocks, tokens)
+        fused = wants_fused_attention(tokens)
         for block in self.blocks:
-            tokens = activation_checkpoint(block, tokens, use_reentrant=False) if use_checkpoint else block(tokens)
+            step = partial(run_block, block, fused=fused)
+            tokens = activation_checkpoint(step, tokens, use_reentrant=False) if use_checkpoint else step(tokens)
         return self.norm(tokens)
 
     def forward(self, images: torch.Tensor, image_sizes: List[Tuple[int, int]], sample_ratio: float) -> EncoderOutput:

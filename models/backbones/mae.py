@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, PatchEmbed
 
-from .attention import choose_attention_kernel
+from .attention import run_block, wants_fused_attention
 from .encoder import init_vit_weights
 from .pos_embed import sincos_table_mae
 
@@ -124,9 +124,9 @@ class MaskedAutoencoderViT(nn.Module):
         tokens, mask, ids_restore = self.random_masking(tokens, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
-        choose_attention_kernel(self.blocks, x)
+        fused = wants_fused_attention(x)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x, fused)
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -137,9 +137,9 @@ class MaskedAutoencoderViT(nn.Module):
         patches = torch.cat([x[:, 1:], fill], dim=1)  # draw order
         patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # image order
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        choose_attention_kernel(self.decoder_blocks, x)
+        fused = wants_fused_attention(x)
         for block in self.decoder_blocks:
-            x = block(x)
+            x = run_block(block, x, fused)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

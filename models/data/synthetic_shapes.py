@@ -17,10 +17,8 @@ detectron2's default ``instance_mask_format="polygon"`` reads (RLE would need "b
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import cv2
@@ -37,7 +35,6 @@ SHAPE_CLASSES = ("circle", "rectangle", "triangle", "star", "cross")
 DATASET_NAMES = ("shapes_train", "shapes_val")
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
-MIN_IMAGES_PER_WORKER = 64  # fewer are rendered faster than a process starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,26 +201,12 @@ def _paths(root: str, split: str) -> Tuple[str, str]:
     return (os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split))
 
 
-def _render_file(job: Tuple[str, int, int, int, ShapesConfig]) -> Tuple[dict, List[dict]]:
-    """Render and save image ``index`` of a split: its COCO image entry and annotations (ids
-    are given by the caller)."""
-    image_root, split_index, index, seed, cfg = job
-    image, instances = render_image(np.random.default_rng([seed, split_index, index]), cfg)
-    image_id = split_index * 1_000_000 + index + 1
-    file_name = f"{SPLITS[split_index]}_{index:06d}.png"
-    Image.fromarray(image).save(os.path.join(image_root, file_name))
-    entry = {"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]}
-    return entry, [_annotation(instance, image_id, 0) for instance in instances]
-
-
 def generate_split(root: str, split: str, num_images: int, seed: int = 0,
-                   cfg: ShapesConfig = ShapesConfig(), workers: Optional[int] = None) -> Tuple[str, str]:
+                   cfg: ShapesConfig = ShapesConfig()) -> Tuple[str, str]:
     """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json``.
 
     Image ids start at 1 (train) and 1,000,001 (val); file names carry the split, so splits
-    never share ids or files. ``workers`` processes render the images (default: one per CPU,
-    and one per ``MIN_IMAGES_PER_WORKER`` images at most); the files are the same for any
-    number. Returns (json_file, image_root).
+    never share ids or files. Returns (json_file, image_root).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -231,21 +214,15 @@ def generate_split(root: str, split: str, num_images: int, seed: int = 0,
     os.makedirs(image_root, exist_ok=True)
     os.makedirs(os.path.dirname(json_file), exist_ok=True)
     split_index = SPLITS.index(split)
-    jobs = [(image_root, split_index, index, seed, cfg) for index in range(num_images)]
-    if workers is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = min(cpus, num_images // MIN_IMAGES_PER_WORKER)
-    if workers > 1:  # "spawn": the caller may hold threads (torch's) that a forked child would inherit
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rendered = list(pool.map(_render_file, jobs, chunksize=16))
-    else:
-        rendered = [_render_file(job) for job in jobs]
     images, annotations = [], []
-    for image, image_annotations in rendered:
-        images.append(image)
-        for annotation in image_annotations:  # ids in image order, whatever the number of workers
-            annotation["id"] = len(annotations) + 1 + split_index * 10_000_000
-            annotations.append(annotation)
+    for index in range(num_images):
+        image, instances = render_image(np.random.default_rng([seed, split_index, index]), cfg)
+        image_id = split_index * 1_000_000 + index + 1
+        file_name = f"{split}_{index:06d}.png"
+        Image.fromarray(image).save(os.path.join(image_root, file_name))
+        images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
+        for instance in instances:
+            annotations.append(_annotation(instance, image_id, len(annotations) + 1 + split_index * 10_000_000))
     coco = {"info": _split_info(split, num_images, seed, cfg), "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": name} for i, name in enumerate(SHAPE_CLASSES)]}
     temporary = f"{json_file}.{os.getpid()}.tmp"

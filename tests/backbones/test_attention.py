@@ -50,3 +50,19 @@ def test_encoder_decoder_and_mae_choose_per_forward(autocast, expected):
         mae(torch.randn(1, 3, 32, 32))
     for blocks in (encoder.blocks, decoder.decoder_blocks, mae.blocks, mae.decoder_blocks):
         assert [block.attn.fused_attn for block in blocks] == [expected] * len(blocks)
+
+
+def test_a_checkpointed_block_recomputes_with_the_kernel_of_its_own_forward():
+    torch.manual_seed(0)
+    encoder = PartialObservationEncoder(img_size=64, embed_dim=32, depth=2, num_heads=2, drop_path_rate=0.0,
+                                        use_act_checkpoint=True).train()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = encoder(images, [(64, 64)], 0.5).latent  # short, bf16: two matmuls
+    assert [block.attn.fused_attn for block in encoder.blocks] == [False, False]
+    with torch.no_grad():  # another forward before the first one's backward, in fp32: fused
+        encoder(images, [(64, 64)], 1.0)
+    assert [block.attn.fused_attn for block in encoder.blocks] == [True, True]
+    first.float().sum().backward()  # recomputes the blocks; a kernel other than the forward's would be refused
+    grads = [p.grad for p in encoder.blocks.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

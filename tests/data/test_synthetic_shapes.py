@@ -14,8 +14,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from models.data.synthetic_shapes import (
-    DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, generate_split, is_simple_region, pixel_outline,
-    register_shapes, render_image,
+    DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, is_simple_region, pixel_outline, register_shapes,
+    render_image,
 )
 
 NUM_TRAIN, NUM_VAL = 16, 6
@@ -44,16 +44,6 @@ def test_same_seed_same_bytes_other_seed_other_data(shapes, tmp_path):
             assert _read(os.path.join(paths[split][1], name)) == _read(os.path.join(again[split][1], name))
     other = ensure_shapes(str(tmp_path / "other"), NUM_TRAIN, NUM_VAL, seed=4)
     assert _read(paths["val"][0]) != _read(other["val"][0])
-
-
-def test_several_processes_write_the_same_files_as_one(shapes, tmp_path):
-    root, paths = shapes  # 16 images: rendered in this process
-    json_file, image_root = generate_split(str(tmp_path), "train", NUM_TRAIN, seed=3, workers=3)
-    assert _read(json_file) == _read(paths["train"][0])
-    names = sorted(os.listdir(paths["train"][1]))
-    assert sorted(os.listdir(image_root)) == names
-    for name in names:
-        assert _read(os.path.join(image_root, name)) == _read(os.path.join(paths["train"][1], name))
 
 
 def test_valid_coco_with_masks_inside_boxes(shapes):
