@@ -172,7 +172,7 @@ def ap_table(results: Dict[str, Dict[str, float]]) -> str:
 
 MAE_STAGES = ("pretrain", "finetune_mae", "finetune_scratch")
 # Both fine-tunings run half the demo's schedule (its lr steps follow): where the start matters
-# most, and the chain stays near 10 minutes. train.max_iter=1400 runs the whole demo schedule.
+# most, and the chain stays near 6 minutes. train.max_iter=1400 runs the whole demo schedule.
 MAE_FINETUNE_ITERS = 700
 
 
