@@ -3,7 +3,7 @@
 timm's ``Attention`` calls ``F.scaled_dot_product_attention`` when its ``fused_attn`` is set,
 and otherwise computes softmax(q k^T / sqrt(d)) v with two matmuls. On a CPU under bf16
 autocast the fused kernel is the slower of the two for short sequences. Forward+backward of
-one timm ``Block`` (bf16 autocast, 2-core AVX512-BF16 CPU, median of 30):
+one timm ``Block`` (bf16 autocast, 2-core AVX512-BF16 CPU, median of 30 runs, of 5 and 3 for ViT-B):
 
     width 192, 3 heads, 4 x 126 tokens (the demo's encoder):   fused 7.9 ms, two matmuls 4.3 ms
     width 768, 12 heads, 1 x 950 tokens (ViT-B at ratio 0.25): fused 113 ms, two matmuls 89 ms
