@@ -7,6 +7,7 @@ from detectron2.model_zoo import get_config
 
 from models.meta_arch import GeneralizedRCNNImageListForward, head_norm
 from models.backbones.mimdet import MIMDetBackbone
+from models.roi_align import ROIPooler
 
 model = get_config("common/models/mask_rcnn_fpn.py").model
 model._target_ = GeneralizedRCNNImageListForward  # hands the ImageList (padding known) to the backbone
@@ -29,6 +30,10 @@ model.backbone.bottom_up = L(MIMDetBackbone)(
     use_act_checkpoint=True,  # stem, encoder and decoder
     out_features=["c2", "c3", "c4", "c5"],
 )
+# detectron2's pooler with a faster RoIAlign on CPU where the samples per bin are fixed
+# (models/roi_align.py); on GPU, and with sampling_ratio=0 as here, it is torchvision's.
+model.roi_heads.box_pooler._target_ = ROIPooler
+model.roi_heads.mask_pooler._target_ = ROIPooler
 model.pixel_mean = [123.675, 116.280, 103.530]  # RGB, as MAE pre-trains
 model.pixel_std = [58.395, 57.120, 57.375]
 model.input_format = "RGB"
