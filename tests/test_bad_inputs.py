@@ -220,6 +220,7 @@ def test_training_for_no_iterations_is_an_error(max_iter):
     ("=5", r"override '=5' has an empty key"),
     ("train..seed=5", r"override 'train..seed=5' has an empty key"),
     ("train.max_iter=[1,2]", r"train.max_iter is int \(4\), got \[1, 2\]"),
+    ("train.channels_last=yes", r"train.channels_last is bool \(False\), got 'yes'"),
 ])
 def test_overrides_without_a_key_or_with_a_list_for_a_number_are_named(override, message):
     with pytest.raises(ValueError, match=message):
@@ -247,6 +248,13 @@ def test_config_values_the_launcher_cannot_use_are_named_before_any_work(overrid
         launcher.cli(["--config-file", TINY, override])
     with pytest.raises(ValueError, match=message):
         loops.check_start_weights(cfg, TINY, eval_only=True)
+
+
+def test_channels_last_set_to_a_string_in_a_config_file_is_named():
+    cfg = load_config(TINY)
+    cfg.train.channels_last = "yes"
+    with pytest.raises(ValueError, match="train.channels_last must be true or false, got 'yes'"):
+        loops.check_start_weights(cfg, TINY)
 
 
 def test_all_problems_of_a_config_are_listed_together():

@@ -161,6 +161,35 @@ def test_evaluation_precision(toy, eval_autocast, dtype):
     assert {"bbox", "segm"} <= set(results)
 
 
+def test_cpu_models_store_convolution_weights_channels_last(toy):
+    """train.channels_last on CPU: every conv weight channels-last, the same losses as NCHW weights."""
+    import copy
+
+    from detectron2.utils.events import EventStorage
+
+    _, overrides = toy
+    cfg = load_config(TINY, [*overrides, "train.device=cpu", "dataloader.train.num_workers=0"])
+    loops.prepare(cfg)
+    assert not cfg.train.channels_last  # off by default
+    default = loops.build_model(cfg)
+    assert not default.backbone.fpn_output2.weight.is_contiguous(memory_format=torch.channels_last)
+    cfg.train.channels_last = True
+    model = loops.build_model(cfg)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert not nchw.backbone.fpn_output2.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = next(iter(loops.build_train_loader(cfg, seed=0, start_iter=0)))
+    losses = []
+    for net in (model, nchw):
+        torch.manual_seed(0)  # the same kept tokens and sampled RoIs
+        with EventStorage(0):
+            losses.append(net(copy.deepcopy(batch)))
+    assert losses[0].keys() == losses[1].keys()
+    for name in losses[0]:
+        torch.testing.assert_close(losses[0][name], losses[1][name], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_after_the_training_json_changed_warns(toy, trained, tmp_path, dataset_overrides):
     output_dir, overrides = toy
     shutil.copytree(output_dir, tmp_path / "run")
