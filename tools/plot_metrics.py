@@ -105,8 +105,9 @@ def plot_metrics(metrics_file: str, out_file: str, smooth_window: int = 20, titl
             ap_axis.plot(iterations, values, marker="o", label=f"{key} (last {values[-1]:.1f})")
         ap_axis.set_xlabel("iteration")
         ap_axis.set_ylabel("AP")
+        ap_axis.set_ylim(0, 100)  # COCO AP in percent: one evaluation, or a few close ones, keep their scale
         ap_axis.grid(alpha=0.3)
-        ap_axis.legend(loc="lower right", fontsize="small")
+        ap_axis.legend(loc="upper left", fontsize="small")
     figure.suptitle(title or metrics_file)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)

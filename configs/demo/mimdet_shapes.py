@@ -31,7 +31,11 @@ model.backbone.bottom_up.sample_ratio = 0.5
 model.backbone.bottom_up.eval_sample_ratio = 1.0
 model.proposal_generator.head.conv_dims = [-1]  # one 3x3 conv
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
-model.proposal_generator.pre_nms_topk = (400, 200)  # a few shapes per image: few proposals
+# Square anchors only: the shapes' boxes are near-square (aspect 0.55-1.8), the box regression
+# covers the rest, and a third of the anchors makes the RPN's matching and top-k 8 ms cheaper.
+model.proposal_generator.anchor_generator.aspect_ratios = [[1.0]]
+model.proposal_generator.head.num_anchors = 1
+model.proposal_generator.pre_nms_topk = (200, 200)  # a few shapes per image: few proposals
 model.proposal_generator.post_nms_topk = (200, 100)
 model.roi_heads.num_classes = 5
 # 64 RoIs per image, half of them foreground where there are enough: from scratch the box and
@@ -39,7 +43,9 @@ model.roi_heads.num_classes = 5
 # up (32 at a quarter: box AP 34.8 after 1,200 iterations; 64 at a half: 43.0).
 model.roi_heads.batch_size_per_image = 64
 model.roi_heads.positive_fraction = 0.5
-model.roi_heads.box_pooler.sampling_ratio = 1  # one bilinear sample per bin: RoIAlign's CPU backward is costly
+# One bilinear sample per bin: fewer to gather, and a fixed count lets RoIAlign run as one gather
+# on CPU (models/roi_align.py).
+model.roi_heads.box_pooler.sampling_ratio = 1
 model.roi_heads.mask_pooler.sampling_ratio = 1
 
 # Images are 160-256 px: flip, then a short side of 160-208 (no crop); tested at the largest.
@@ -49,8 +55,10 @@ dataloader.train.mapper.augmentations = [
 ]
 dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=208, max_size=320)]
 dataloader.train.total_batch_size = 4  # on a CPU, time per image is the same at 4 and 8: 4 gives twice the updates
-dataloader.train.num_workers = 1
-dataloader.test.num_workers = 1
+# Images are loaded in the training process: a loader process would compete with the two
+# compute threads for this machine's two cores, and cost each step twice its own 12 ms.
+dataloader.train.num_workers = 0
+dataloader.test.num_workers = 0
 
 optimizer.lr = 6e-4  # encoder 3e-4, stem 6e-4, decoder/FPN/heads 1.2e-3 (multiplier 2)
 optimizer.betas = (0.9, 0.99)  # a shorter memory of the gradient scale than 0.999 suits a short run
@@ -59,6 +67,7 @@ optimizer.fused = True  # one kernel for all parameters (CPU and CUDA)
 
 mae_checkpoint.path = "scratch"  # the demo trains from random weights
 train.max_iter = 1400  # 5,600 images, 9.3 epochs of the 600 train images
+train.channels_last = True  # conv weights NHWC on CPU: 11% faster steps, 20% faster inference
 train.clip_grad_norm = 1.0  # from random weights: keeps early updates in range
 # bf16 autocast (CPU and CUDA) for training: ~1.5x faster than fp32 on an AVX512-BF16 CPU;
 # evaluation in fp32. train.amp.enabled=False trains in fp32.
@@ -68,7 +77,7 @@ train.amp.eval = False
 train.seed = 0  # the same data order, augmentation and token sampling on every machine
 train.checkpointer.period = 350  # an interrupted demo loses at most a quarter of its run
 train.checkpointer.max_to_keep = 2
-train.eval_period = 700
+train.eval_period = 0  # no periodic evaluation: detectron2's EvalHook evaluates the final model
 train.log_period = 20
 train.output_dir = "output/demo"
 lr_multiplier.warmup_length = 0.05
