@@ -93,16 +93,27 @@ def roi_align_gather(input: torch.Tensor, rois: torch.Tensor, output_size: Union
     return pooled.permute(0, 3, 1, 2)
 
 
+# The gather holds four neighbours of every sample of every RoI at once: beyond this many
+# floats (256 MB; e.g. 1,024 RoIs x 7x7 bins x 2x2 samples x 4 x 320 channels) torchvision's
+# kernel, which holds none, is used instead.
+MAX_GATHERED_ELEMENTS = 1 << 26
+
+
 class ROIAlign(_ROIAlign):
     """detectron2's ``ROIAlign``, computed by :func:`roi_align_gather` on CPU tensors when the
-    number of samples per bin is fixed; the output has the input's dtype, as under
-    torchvision's autocast rule."""
+    number of samples per bin is fixed (and the gathered neighbours fit in
+    ``MAX_GATHERED_ELEMENTS``); the output has the input's dtype, as under torchvision's
+    autocast rule."""
 
     def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         if input.device.type != "cpu" or self.sampling_ratio <= 0 or input.dim() != 4:
             return super().forward(input, rois)
+        height, width = self._size()
+        gathered = rois.shape[0] * height * width * self.sampling_ratio ** 2 * 4 * input.shape[1]
+        if gathered > MAX_GATHERED_ELEMENTS:
+            return super().forward(input, rois)
         if rois.numel() == 0:
-            return input.new_zeros((0, input.shape[1], *self._size()))
+            return input.new_zeros((0, input.shape[1], height, width))
         with torch.autocast("cpu", enabled=False):
             pooled = roi_align_gather(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
                                       self.aligned)

@@ -69,6 +69,19 @@ def test_adaptive_sampling_falls_back_to_torchvision(monkeypatch):
     assert not calls
 
 
+def test_too_many_samples_to_gather_fall_back_to_torchvision(monkeypatch):
+    calls = []
+    monkeypatch.setattr("models.roi_align.roi_align_gather", lambda *a, **k: calls.append(a) or torch.zeros(5, 4, 7, 7))
+    layer = ROIAlign((7, 7), spatial_scale=0.25, sampling_ratio=2, aligned=True)
+    features, rois = torch.randn(2, 4, 16, 16), _boxes(5, 64, 64)
+    monkeypatch.setattr("models.roi_align.MAX_GATHERED_ELEMENTS", 5 * 49 * 4 * 4 * 4 - 1)  # one element short
+    assert torch.equal(layer(features, rois), roi_align(features, rois, (7, 7), 0.25, 2, True))
+    assert not calls
+    monkeypatch.setattr("models.roi_align.MAX_GATHERED_ELEMENTS", 5 * 49 * 4 * 4 * 4)
+    layer(features, rois)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("pooler_type", ["ROIAlignV2", "ROIAlign"])
 def test_pooler_gives_detectron2s_outputs_on_every_level(pooler_type):
     torch.manual_seed(0)
