@@ -5,7 +5,7 @@
 
 1. generates the synthetic shapes dataset in datasets/shapes if it is not there yet;
 2. trains configs/demo/mimdet_shapes.py through lazyconfig_train_net.py (sample ratio 0.5),
-   evaluating with COCOEvaluator at sample ratio 1.0 along the way and at the end;
+   evaluating with COCOEvaluator at sample ratio 1.0 at the end;
 3. plots the training curves (losses, lr, AP) to OUTPUT/metrics.png;
 4. runs tools/infer.py on val images and tiles some of them into OUTPUT/predictions.png;
 5. prints the AP table, the time taken and where the pictures are.
@@ -149,8 +149,9 @@ def tile(paths: List[str], out_file: str, columns: int = 3, cell: int = 384) -> 
     return out_file
 
 
-def visualize(output: str, val_json: str, val_root: str, count: int) -> str:
-    """Predictions of the final model on the first ``count`` val images, tiled into one PNG."""
+def visualize(output: str, val_json: str, val_root: str, count: int, opts: Sequence[str] = ()) -> str:
+    """Predictions of the final model on the first ``count`` val images, tiled into one PNG;
+    ``opts`` are the run's config overrides (the model is built as it was trained)."""
     with open(val_json) as f:
         names = sorted(image["file_name"] for image in json.load(f)["images"])[:count]
     folder = os.path.join(output, "predictions")
@@ -158,6 +159,7 @@ def visualize(output: str, val_json: str, val_root: str, count: int) -> str:
         *(os.path.join(val_root, name) for name in names),
         "--config-file", CONFIG, "--checkpoint", os.path.join(output, "model_final.pth"),
         "--output", folder, "--coco-json", val_json, "--device", "cpu", "--draw-min-size", "384",
+        *(["--opts", *opts] if opts else []),
     ]))
     pictures = [os.path.join(folder, os.path.splitext(name)[0] + ".png") for name in names]
     return tile(pictures, os.path.join(output, "predictions.png"))
@@ -304,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     results = final_results(os.path.join(output, "metrics.json"))
     curve = plot_metrics(os.path.join(output, "metrics.json"), os.path.join(output, "metrics.png"),
                          smooth_window=10, title="MIMDet demo: synthetic shapes, sample ratio 0.5 (eval 1.0)")
-    pictures = visualize(output, *paths["val"], args.num_pictures)
+    pictures = visualize(output, *paths["val"], args.num_pictures, args.opts)
     elapsed = time.perf_counter() - start
 
     print("\nMIMDet demo: COCO AP on the synthetic shapes val split (sample ratio 1.0)\n")
