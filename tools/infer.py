@@ -154,8 +154,7 @@ def build_model(cfg, checkpoint: str, device: str, score_threshold: float,
             predictor.test_score_thresh = min(predictor.test_score_thresh, score_threshold)
     model = instantiate(cfg.model).to(device).eval()
     Checkpointer(model, strict=True).load(checkpoint)  # no weight left random
-    if torch.device(device).type == "cpu" and cfg.get("train", {}).get("channels_last", False):
-        prefer_channels_last(model)  # as the config trains: the same values, faster on CPU
+    prefer_channels_last(model, cfg, device)  # as the config trains: the same values, faster on CPU
     bottom_up = getattr(getattr(model, "backbone", None), "bottom_up", None)
     if hasattr(bottom_up, "eval_sample_ratio"):
         bottom_up.eval_sample_ratio = sample_ratio

@@ -276,29 +276,30 @@ def do_test(cfg, model, seed: int = 0):
 
 
 def build_model(cfg) -> torch.nn.Module:
-    """The model on ``train.device``; SyncBN made gloo-capable for several CPU processes."""
+    """The model on ``train.device`` (channels-last on CPU with ``train.channels_last``); SyncBN made
+    gloo-capable for several CPU processes."""
     model = instantiate(cfg.model)
     logger.info("Model:\n%s", model)
     logger.info("Parameters: %d", sum(p.numel() for p in model.parameters()))
     model = model.to(cfg.train.device)
-    if cfg.train.device == "cpu":
-        if cfg.train.get("channels_last", False):
-            prefer_channels_last(model)
-        if comm.get_world_size() > 1:
-            sync_batchnorm_for_cpu(model)
+    prefer_channels_last(model, cfg, cfg.train.device)
+    if cfg.train.device == "cpu" and comm.get_world_size() > 1:
+        sync_batchnorm_for_cpu(model)
     return model
 
 
-def prefer_channels_last(model: torch.nn.Module) -> torch.nn.Module:
-    """Store the model's 4-d weights channels-last (NHWC), in place; for CPU models
-    (``train.channels_last``).
+def prefer_channels_last(model: torch.nn.Module, cfg, device: str) -> torch.nn.Module:
+    """Store the model's 4-d weights channels-last (NHWC), in place, if ``train.channels_last``
+    is set and ``device`` is a CPU; otherwise leave it as it is.
 
     With NCHW weights oneDNN reorders every convolution's input, weight and output to and
     from its NHWC blocked layout; with channels-last weights PyTorch runs the convolution
     channels-last and keeps its output so, and the next convolution needs no reorder. The
     values are the same; the demo's CPU training step takes 135 ms instead of 152 ms.
     """
-    return model.to(memory_format=torch.channels_last)
+    if torch.device(device).type == "cpu" and cfg.get("train", {}).get("channels_last", False):
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def wrap_ddp(cfg, model: torch.nn.Module) -> torch.nn.Module:

@@ -3,6 +3,7 @@
 train (4 iterations, checkpoints every 2) -> --resume to 6 iterations -> --eval-only prints
 AP; plus the launcher's errors, and released-format checkpoints loading without leftovers.
 """
+import copy
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import models  # noqa: F401  (before detectron2)
 import pytest
 import torch
 from detectron2.config import instantiate
+from detectron2.utils.events import EventStorage
 
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
@@ -163,10 +165,6 @@ def test_evaluation_precision(toy, eval_autocast, dtype):
 
 def test_cpu_models_store_convolution_weights_channels_last(toy):
     """train.channels_last on CPU: every conv weight channels-last, the same losses as NCHW weights."""
-    import copy
-
-    from detectron2.utils.events import EventStorage
-
     _, overrides = toy
     cfg = load_config(TINY, [*overrides, "train.device=cpu", "dataloader.train.num_workers=0"])
     loops.prepare(cfg)
