@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from ..checkpoint import SCRATCH, load_mae_weights, write_atomic
 from ..data.datasets import (check_dataset_files, check_image_sizes, register_coco_datasets, thing_classes,
                              validate_coco_json)
+from . import trainer as amp_support
 from .trainer import MixedPrecisionTrainer, resolve_amp_dtype
 from ..data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
 from .resume import (MetricHistory, ResumableCheckpointer, check_resumed_config, drop_metrics_after, flatten_config,
@@ -193,6 +194,16 @@ def prepare(cfg, eval_only: bool = False) -> None:
     precision = [str(amp_dtype(cfg, evaluation=e) or "fp32").replace("torch.", "") for e in (False, True)]
     if precision != ["fp32", "fp32"]:
         logger.info("Mixed precision (train.amp) on %s: training %s, evaluation %s", cfg.train.device, *precision)
+    if torch.device(cfg.train.device).type == "cpu" and not amp_support.cpu_has_native_bf16():
+        asked = cfg.train.amp.enabled or cfg.train.amp.get("eval", None)
+        if asked and resolve_amp_dtype(True, cfg.train.amp.get("dtype", None), "cpu") is None:
+            logger.warning("train.amp: this CPU has no native bf16 (oneDNN finds neither AVX512 nor AMX), where bf16 "
+                           "autocast is several times slower than fp32: running in fp32 (train.amp.dtype=bf16 "
+                           "forces bf16)")
+        elif "bfloat16" in precision:
+            logger.warning("train.amp.dtype=%s on a CPU without native bf16 (oneDNN finds neither AVX512 nor AMX): "
+                           "expect it to run several times slower than fp32 (train.amp.dtype=None picks fp32 "
+                           "here)", cfg.train.amp.dtype)
     register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
     splits = ["test"] if eval_only else ["train", "test"]
     splits = [split for split in splits if dataset_names(cfg, split)]

@@ -12,11 +12,24 @@ import torch
 from detectron2.engine import SimpleTrainer, hooks
 from detectron2.utils import comm
 
-__all__ = ["MixedPrecisionTrainer", "resolve_amp_dtype", "check_finite_losses"]
+__all__ = ["MixedPrecisionTrainer", "cpu_has_native_bf16", "resolve_amp_dtype", "check_finite_losses"]
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (x86 with AVX512 or AMX, Arm with BF16).
+
+    Elsewhere bf16 convolutions and matmuls fall back to slow paths, and bf16 autocast makes a
+    training step several times slower than fp32: the demo's step on a 2-core AMD EPYC with AVX2
+    only took 2.18 s in bf16 against 0.26 s in fp32.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 def resolve_amp_dtype(enabled: bool, dtype: Optional[str], device_type: str) -> Optional[torch.dtype]:
@@ -24,15 +37,20 @@ def resolve_amp_dtype(enabled: bool, dtype: Optional[str], device_type: str) -> 
 
     Args:
         enabled: ``train.amp.enabled``.
-        dtype: "bf16" or "fp16" (None: fp16 on CUDA as in detectron2, bf16 on CPU).
+        dtype: "bf16" or "fp16". None: fp16 on CUDA, as in detectron2; on a CPU bf16 where it is
+            native (:func:`cpu_has_native_bf16`), otherwise fp32.
         device_type: "cuda" or "cpu".
     """
     if not enabled:
         return None
+    if isinstance(dtype, str) and dtype.lower() in ("none", "null"):  # "dtype=None" on the command line
+        dtype = None
     if dtype is None:
+        if device_type != "cuda" and not cpu_has_native_bf16():
+            return None
         dtype = "fp16" if device_type == "cuda" else "bf16"
     if dtype not in _DTYPES:
-        raise ValueError(f"train.amp.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"train.amp.dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
     resolved = _DTYPES[dtype]
     if resolved is torch.float16 and device_type != "cuda":
         raise ValueError(f"train.amp.dtype={dtype!r} needs CUDA; on {device_type} use 'bf16'")

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import models  # noqa: F401
+from models.engine import trainer
 from models.engine.trainer import MixedPrecisionTrainer, resolve_amp_dtype
 
 
@@ -57,15 +58,21 @@ def test_non_finite_loss_stops_before_the_update_naming_iteration_and_terms():
     assert torch.isfinite(model.linear.weight).all()
 
 
-def test_amp_dtype_resolution_and_errors():
+def test_amp_dtype_resolution_and_errors(monkeypatch):
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
     assert resolve_amp_dtype(False, "bf16", "cpu") is None
     assert resolve_amp_dtype(True, None, "cpu") is torch.bfloat16
     assert resolve_amp_dtype(True, None, "cuda") is torch.float16
     assert resolve_amp_dtype(True, "bf16", "cuda") is torch.bfloat16
     with pytest.raises(ValueError, match="'fp16' needs CUDA"):
         resolve_amp_dtype(True, "fp16", "cpu")
-    with pytest.raises(ValueError, match=r"one of \['bf16'.*got 'int8'"):
+    with pytest.raises(ValueError, match=r"one of \['bf16'.* or None, got 'int8'"):
         resolve_amp_dtype(True, "int8", "cpu")
+    # Without native bf16 the default is fp32 on a CPU; an explicit bf16 and CUDA are unchanged.
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert resolve_amp_dtype(True, None, "cpu") is None
+    assert resolve_amp_dtype(True, "bf16", "cpu") is torch.bfloat16
+    assert resolve_amp_dtype(True, None, "cuda") is torch.float16
 
 
 def test_gradient_clipping_bounds_the_update_and_logs_the_norm():

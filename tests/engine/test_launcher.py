@@ -5,6 +5,7 @@ AP; plus the launcher's errors, and released-format checkpoints loading without 
 """
 import copy
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from detectron2.utils.events import EventStorage
 
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
-from models.engine import loops
+from models.engine import loops, trainer
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "configs/test/tiny_mimdet.py"
@@ -132,25 +133,53 @@ def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path, 
     assert mismatched == []
 
 
-def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked():
+def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked(monkeypatch):
 
     def dtypes(config, *overrides):
         cfg = load_config(config, ["train.device=cpu", *overrides])
         return loops.amp_dtype(cfg), loops.amp_dtype(cfg, evaluation=True)
 
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
     assert dtypes(VIT_B) == (torch.bfloat16, None)  # the COCO configs: autocast in training only
     assert dtypes(TINY) == (None, None)
     assert dtypes(TINY, "train.amp.enabled=True") == (torch.bfloat16, None)
     assert dtypes(TINY, "train.amp.enabled=True", "train.amp.eval=True") == (torch.bfloat16, torch.bfloat16)
     assert dtypes(TINY, "train.amp.eval=True", "train.amp.dtype=bf16") == (None, torch.bfloat16)
+    # A CPU without native bf16 (AVX2 only) trains and evaluates in fp32 unless bf16 is named.
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert dtypes(VIT_B) == (None, None)
+    assert dtypes(TINY, "train.amp.enabled=True", "train.amp.eval=True") == (None, None)
+    assert dtypes(TINY, "train.amp.enabled=True", "train.amp.dtype=bf16") == (torch.bfloat16, None)
+    assert dtypes(TINY, "train.amp.enabled=True", "train.amp.dtype=None") == (None, None)
+    assert dtypes(TINY, "train.amp.enabled=True", "train.device=cuda") == (torch.float16, None)
+
+
+@pytest.mark.parametrize("dtype, message", [
+    (None, "running in fp32 (train.amp.dtype=bf16 forces bf16)"),
+    ("bf16", "train.amp.dtype=bf16 on a CPU without native bf16"),
+], ids=["default", "explicit_bf16"])
+def test_prepare_says_what_a_cpu_without_native_bf16_runs(toy, monkeypatch, dtype, message):
+    _, overrides = toy
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    cfg = load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True", f"train.amp.dtype={dtype}"])
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    loops.logger.addHandler(handler)  # detectron2's logger does not propagate to pytest's caplog
+    try:
+        loops.prepare(cfg)
+    finally:
+        loops.logger.removeHandler(handler)
+    assert len([w for w in warnings if message in w]) == 1
 
 
 @pytest.mark.parametrize("eval_autocast, dtype", [(None, torch.float32), (True, torch.bfloat16)],
                          ids=["default_fp32", "explicit_autocast"])
-def test_evaluation_precision(toy, eval_autocast, dtype):
+def test_evaluation_precision(toy, monkeypatch, eval_autocast, dtype):
     """Training under autocast evaluates in fp32, as the original; train.amp.eval=True opts in."""
 
     _, overrides = toy
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)  # bf16 by default, as with AVX512
     chosen = [] if eval_autocast is None else [f"train.amp.eval={eval_autocast}"]
     cfg = load_config(TINY, [*overrides, "train.device=cpu", "train.amp.enabled=True", *chosen,
                                       "model.roi_heads.box_predictor.test_topk_per_image=5"])
