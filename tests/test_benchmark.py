@@ -192,6 +192,19 @@ def test_bad_arguments_are_refused(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("native, argv, dtypes, warned", [
+    (True, [], ["fp32", "bf16"], False),
+    (False, [], ["fp32"], True),  # AVX2 only: bf16 is emulated, fp32 alone unless asked
+    (False, ["--dtypes", "fp32", "bf16"], ["fp32", "bf16"], True),
+    (False, ["--dtypes", "fp32"], ["fp32"], False),
+])
+def test_default_dtypes_follow_the_cpus_bf16_support(monkeypatch, caplog, native, argv, dtypes, warned):
+    monkeypatch.setattr(benchmark, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level("WARNING", logger=benchmark.logger.name):
+        assert benchmark.parse_args(["--device", "cpu", *argv]).dtypes == dtypes
+    assert ("without native bf16" in caplog.text or "no native bf16" in caplog.text) == warned
+
+
 def test_reference_backbone_has_the_same_layers_and_outputs_and_is_timed_beside_ours(tiny_backbone):
     backbone = tiny_backbone
     reference = benchmark.ReferenceBackbone(backbone)

@@ -62,7 +62,8 @@ def test_readme_own_data_command_trains_and_evaluates_at_full_size(name, own_dat
         f"{{name:my_val,json_file:'{val_json}',image_root:'{images}'}}]",
         "dataloader.train.dataset.names=my_train", "dataloader.test.dataset.names=my_val",
         f"mae_checkpoint.path={mae_vit_b_file}",
-        "train.max_iter=2", f"dataloader.train.total_batch_size={BATCH[name]}", f"train.output_dir={output_dir}", *EXTRA[name],
+        "train.max_iter=2", f"dataloader.train.total_batch_size={BATCH[name]}", f"train.output_dir={output_dir}",
+        *EXTRA[name],
     ]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},

@@ -55,7 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from models.config import load_config  # noqa: E402
-from models.engine.trainer import resolve_amp_dtype  # noqa: E402
+from models.engine.trainer import cpu_has_native_bf16, resolve_amp_dtype  # noqa: E402
 
 __all__ = ["Cell", "LiveTensorPeak", "run_benchmark", "format_table", "target_lines", "main"]
 
@@ -555,7 +555,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="LazyConfig .py file of a MIMDet detector")
     parser.add_argument("--sample-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES,
+                        help="default: fp32 and bf16; fp32 alone on a CPU without native bf16 (AVX2 only), "
+                             "where bf16 is emulated and several times slower")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -586,6 +588,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-size and --repeats must be >= 1, --warmup and --threads >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here; use --device cpu")
+    native_bf16 = args.device == "cuda" or cpu_has_native_bf16()
+    if args.dtypes is None:
+        args.dtypes = ["fp32", "bf16"] if native_bf16 else ["fp32"]
+        if not native_bf16:
+            logger.warning("This CPU has no native bf16 (oneDNN finds neither AVX512 nor AMX): measuring fp32 "
+                           "only; --dtypes fp32 bf16 measures the emulated bf16 too")
+    elif "bf16" in args.dtypes and not native_bf16:
+        logger.warning("--dtypes bf16 on a CPU without native bf16 (oneDNN finds neither AVX512 nor AMX): "
+                       "bf16 is emulated here and several times slower than fp32")
     if "fp16" in args.dtypes and args.device != "cuda":
         parser.error("--dtypes fp16 needs --device cuda; on CPU use bf16")
     return args
