@@ -66,7 +66,7 @@ def test_sample_ratio_out_of_range_is_named(toy):
 
 def test_fp16_on_cpu_is_named(toy):
     cfg = load_config(TINY, [*toy[1], "train.amp.enabled=True", "train.amp.dtype=fp16", "train.device=cpu"])
-    with pytest.raises(ValueError, match=r"train.amp.dtype='fp16' needs CUDA; on cpu use 'bf16'"):
+    with pytest.raises(ValueError, match=r"train.amp.dtype='fp16' needs CUDA; on cpu leave it None \(bf16 where"):
         loops.prepare(cfg)
 
 
@@ -235,6 +235,9 @@ def test_overrides_without_a_key_or_with_a_list_for_a_number_are_named(override,
     ("train.clip_grad_norm=-1.0", r"train.clip_grad_norm must be null or a positive number, got -1.0"),
     ("datasets.register=abc", r"datasets.register must be a list of dict\(name=, json_file=, image_root=\), got 'abc'"),
     ("train.output_dir=null", r"train.output_dir must be a folder path, got None"),
+    # checked with autocast off too (the tiny config's): a resumed run could turn it on
+    ("train.amp.dtype=bogus", r"train.amp.dtype must be one of \['bf16'.* or None, got 'bogus' \(fp32: "),
+    ("train.amp.dtype=fp16", r"train.amp.dtype='fp16' needs CUDA"),
     ("train.checkpointer.max_to_keep=0", r"train.checkpointer.max_to_keep must be null or a whole number >= 1"),
     ("dataloader.train.total_batch_size=0", r"dataloader.train.total_batch_size must be a whole number >= 1, got 0"),
     ("optimizer=null", r"optimizer is missing or null; the launcher builds the run from it"),

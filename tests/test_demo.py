@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -65,6 +66,38 @@ def test_rerun_continues_and_fresh_starts_over(demo_run):
     fresh = _run_demo(tmp_path, SHALLOWER, "--fresh")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "--fresh: removed the previous demo run's" in fresh.stderr
+
+
+def test_paths_with_commas_brackets_and_quotes_reach_the_launchers_config(monkeypatch):
+    from models.config import load_config
+
+    commands = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda command, **kwargs: commands.append(command))
+    odd = "/tmp/a,b [c] d'e"
+    paths = {split: (f"{odd}/{split}.json", f"{odd}/{split}") for split in ("train", "val")}
+    demo.train(f"{odd}/run", paths, ["train.seed=1"])
+    (command,) = commands
+    cfg = load_config(demo.CONFIG, command[command.index("--resume") + 1:])
+    assert cfg.train.output_dir == f"{odd}/run" and cfg.train.seed == 1
+    assert [(d.name, d.json_file, d.image_root) for d in cfg.datasets.register] == [
+        ("shapes_train", f"{odd}/train.json", f"{odd}/train"), ("shapes_val", f"{odd}/val.json", f"{odd}/val")]
+
+
+def test_fresh_while_another_run_holds_the_folder_is_refused_in_one_line(tmp_path, caplog):
+    from models.engine.run_folder import hold_run_folder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "log.txt").write_text("a live run's log\n")
+    sigterm = signal.getsignal(signal.SIGTERM)  # demo.main installs its own handler
+    try:
+        with hold_run_folder(str(folder), resume=True, overwrite=False, eval_only=False):
+            with caplog.at_level("ERROR", logger=demo.logger.name):
+                assert demo.main(["--output", str(folder), "--fresh", "--data", str(tmp_path / "shapes")]) == 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    assert "in use by another run" in caplog.text
+    assert (folder / "log.txt").read_text() == "a live run's log\n"  # nothing was cleared
 
 
 def test_final_results_needs_an_evaluation(tmp_path):

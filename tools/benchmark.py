@@ -20,7 +20,7 @@ For every (sample ratio, dtype) cell, on random images of the given size:
 
 Every figure also shows its ratio to the sample-ratio-1.0 fp32 cell of the same run (or, if
 that cell is not measured, to the cell of the largest ratio and the first dtype). Mixed
-precision is ``torch.autocast`` with bf16 (CPU with AMX, CUDA) or fp16 (CUDA). Activation
+precision is ``torch.autocast`` with bf16 (CUDA, and CPUs where oneDNN computes it natively) or fp16 (CUDA). Activation
 checkpointing is off unless ``--activation-checkpointing`` is given, whatever the config says.
 The output ends with the machine's load average: on a CPU shared with other processes every
 multi-threaded op can wait a scheduler slice for a preempted thread, so timings from a busy
@@ -592,13 +592,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtypes is None:
         args.dtypes = ["fp32", "bf16"] if native_bf16 else ["fp32"]
         if not native_bf16:
-            logger.warning("This CPU has no native bf16 (oneDNN finds neither AVX512 nor AMX): measuring fp32 "
+            logger.warning("oneDNN reports no native bf16 on this CPU (x86 needs AVX512 or AMX): measuring fp32 "
                            "only; --dtypes fp32 bf16 measures the emulated bf16 too")
     elif "bf16" in args.dtypes and not native_bf16:
-        logger.warning("--dtypes bf16 on a CPU without native bf16 (oneDNN finds neither AVX512 nor AMX): "
+        logger.warning("--dtypes bf16 on a CPU without native bf16 (oneDNN reports none; x86 needs AVX512 or AMX): "
                        "bf16 is emulated here and several times slower than fp32")
     if "fp16" in args.dtypes and args.device != "cuda":
-        parser.error("--dtypes fp16 needs --device cuda; on CPU use bf16")
+        parser.error("--dtypes fp16 needs --device cuda; on CPU use fp32, or bf16 where the CPU computes it natively")
     return args
 
 

@@ -45,7 +45,7 @@ from PIL import Image  # noqa: E402
 
 from models.data.synthetic_shapes import ensure_shapes  # noqa: E402
 from models.engine.launch import kill_me_with_parent  # noqa: E402
-from models.engine.run_folder import hold_run_folder, previous_run_files  # noqa: E402
+from models.engine.run_folder import RunFolderBusy, hold_run_folder, previous_run_files  # noqa: E402
 from tools import infer, mae_reconstruct  # noqa: E402
 from tools.plot_metrics import plot_metrics, read_metrics  # noqa: E402
 
@@ -78,12 +78,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def quoted(path: str) -> str:
+    """A path as a quoted override value, so that commas, brackets and quotes in it reach the
+    config as they are."""
+    return "'" + path.replace("'", "\\'") + "'"
+
+
 def launch(config: str, output: str, opts: Sequence[str]) -> None:
     """Run the launcher with ``--resume`` (an interrupted demo run continues; without a
     checkpoint it starts anew)."""
     if os.path.isfile(os.path.join(output, "last_checkpoint")):
         logger.info("Continuing the demo run in %s (use --fresh to start over)", output)
-    command = [sys.executable, LAUNCHER, "--config-file", config, "--resume", f"train.output_dir={output}", *opts]
+    command = [sys.executable, LAUNCHER, "--config-file", config, "--resume", f"train.output_dir={quoted(output)}",
+               *opts]
     logger.info("Running: %s", " ".join(command))
     # The launcher ends with the demo, however the demo ends (a SIGKILL included): an orphan
     # would train on and hold the run folder against the rerun.
@@ -92,7 +99,7 @@ def launch(config: str, output: str, opts: Sequence[str]) -> None:
 
 def train(output: str, paths: Dict[str, Sequence[str]], opts: Sequence[str]) -> None:
     """Train and evaluate the demo detector through the launcher."""
-    register = ",".join(f"{{name:shapes_{split},json_file:'{json_file}',image_root:'{image_root}'}}"
+    register = ",".join(f"{{name:shapes_{split},json_file:{quoted(json_file)},image_root:{quoted(image_root)}}}"
                         for split, (json_file, image_root) in paths.items())
     launch(CONFIG, output, [f"datasets.register=[{register}]", *opts])
 
@@ -235,7 +242,7 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
                 os.remove(os.path.join(output, name))
     paths = ensure_shapes(os.path.abspath(args.data), args.num_train, args.num_val)
     pretrain = os.path.join(output, "pretrain")
-    pretrain_opts = [f"dataloader.train.dataset.folder={paths['train'][1]}", *args.pretrain_opt]
+    pretrain_opts = [f"dataloader.train.dataset.folder={quoted(paths['train'][1])}", *args.pretrain_opt]
     seconds = {"pretrain": run_stage(pretrain, {"opts": pretrain_opts},
                                      partial(launch, MAE_CONFIG, pretrain, pretrain_opts))}
     mae_weights = os.path.join(pretrain, "model_final.pth")
@@ -248,7 +255,7 @@ def mae_chain(args: argparse.Namespace, output: str) -> int:
     results = {}
     for stage, start_from in (("finetune_mae", mae_weights), ("finetune_scratch", "scratch")):
         folder = os.path.join(output, stage)
-        opts = [f"train.max_iter={MAE_FINETUNE_ITERS}", *args.opts, f"mae_checkpoint.path={start_from}"]
+        opts = [f"train.max_iter={MAE_FINETUNE_ITERS}", *args.opts, f"mae_checkpoint.path={quoted(start_from)}"]
         weights = file_digest(start_from) if start_from != "scratch" else "scratch"
         seconds[stage] = run_stage(folder, {"opts": opts, "weights": weights}, partial(train, folder, paths, opts))
         results[stage] = final_results(os.path.join(folder, "metrics.json"))
@@ -291,6 +298,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted; run the same command again to continue")
         return 130
+    except RunFolderBusy as e:
+        logger.error("%s", e)
+        return 1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -96,6 +96,12 @@ def check_train_config(cfg) -> None:
     clip = train.get("clip_grad_norm", None)
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
         problems.append(f"train.clip_grad_norm must be null or a positive number, got {clip!r}")
+    amp = train.get("amp", None) or {}
+    try:  # checked whether or not autocast is on: a run resumed with it on would fail later
+        cuda = str(train.get("device", "cpu")).startswith("cuda") and torch.cuda.is_available()
+        resolve_amp_dtype(True, amp.get("dtype", None), "cuda" if cuda else "cpu")
+    except ValueError as e:
+        problems.append(str(e))
     if not isinstance(train.get("channels_last", False), bool):
         problems.append(f"train.channels_last must be true or false, got {train.get('channels_last')!r}")
     if not _whole(train.get("seed", -1)):
@@ -191,19 +197,21 @@ def prepare(cfg, eval_only: bool = False) -> None:
     if not torch.cuda.is_available() and cfg.train.device != "cpu":
         logger.info("CUDA is not available: running on CPU (train.device=cpu).")
         cfg.train.device = "cpu"
+    if str(cfg.train.amp.get("dtype", None)).lower() in ("none", "null"):
+        cfg.train.amp.dtype = None  # "dtype=None" on the command line: the string 'None' to the override parser
     precision = [str(amp_dtype(cfg, evaluation=e) or "fp32").replace("torch.", "") for e in (False, True)]
     if precision != ["fp32", "fp32"]:
         logger.info("Mixed precision (train.amp) on %s: training %s, evaluation %s", cfg.train.device, *precision)
     if torch.device(cfg.train.device).type == "cpu" and not amp_support.cpu_has_native_bf16():
         asked = cfg.train.amp.enabled or cfg.train.amp.get("eval", None)
         if asked and resolve_amp_dtype(True, cfg.train.amp.get("dtype", None), "cpu") is None:
-            logger.warning("train.amp: this CPU has no native bf16 (oneDNN finds neither AVX512 nor AMX), where bf16 "
+            logger.warning("train.amp: oneDNN reports no native bf16 on this CPU (x86 needs AVX512 or AMX), where bf16 "
                            "autocast is several times slower than fp32: running in fp32 (train.amp.dtype=bf16 "
                            "forces bf16)")
         elif "bfloat16" in precision:
-            logger.warning("train.amp.dtype=%s on a CPU without native bf16 (oneDNN finds neither AVX512 nor AMX): "
-                           "expect it to run several times slower than fp32 (train.amp.dtype=None picks fp32 "
-                           "here)", cfg.train.amp.dtype)
+            logger.warning("train.amp.dtype=%s on a CPU without native bf16 (oneDNN reports none; x86 needs AVX512 "
+                           "or AMX): expect it to run several times slower than fp32 (train.amp.dtype=None picks "
+                           "fp32 here)", cfg.train.amp.dtype)
     register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
     splits = ["test"] if eval_only else ["train", "test"]
     splits = [split for split in splits if dataset_names(cfg, split)]

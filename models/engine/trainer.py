@@ -20,7 +20,9 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN computes bf16 natively on this CPU (x86 with AVX512 or AMX, Arm with BF16).
+    """Whether oneDNN reports native bf16 support on this CPU (PyTorch's own test: on x86 AVX512
+    or AMX, which covers AVX512 CPUs without the BF16 extension, where oneDNN has AVX512 bf16
+    kernels; on Arm the BF16 extension).
 
     Elsewhere bf16 convolutions and matmuls fall back to slow paths, and bf16 autocast makes a
     training step several times slower than fp32: the demo's step on a 2-core AMD EPYC with AVX2
@@ -50,10 +52,12 @@ def resolve_amp_dtype(enabled: bool, dtype: Optional[str], device_type: str) -> 
             return None
         dtype = "fp16" if device_type == "cuda" else "bf16"
     if dtype not in _DTYPES:
-        raise ValueError(f"train.amp.dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
+        raise ValueError(f"train.amp.dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r} (fp32: "
+                         "train.amp.enabled=False)")
     resolved = _DTYPES[dtype]
     if resolved is torch.float16 and device_type != "cuda":
-        raise ValueError(f"train.amp.dtype={dtype!r} needs CUDA; on {device_type} use 'bf16'")
+        raise ValueError(f"train.amp.dtype={dtype!r} needs CUDA; on {device_type} leave it None (bf16 where the "
+                         "CPU computes it natively, fp32 elsewhere) or set 'bf16'")
     return resolved
 
 

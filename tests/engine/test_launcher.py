@@ -171,6 +171,7 @@ def test_prepare_says_what_a_cpu_without_native_bf16_runs(toy, monkeypatch, dtyp
     finally:
         loops.logger.removeHandler(handler)
     assert len([w for w in warnings if message in w]) == 1
+    assert cfg.train.amp.dtype == dtype  # "dtype=None" reaches the config as None, not the string 'None'
 
 
 @pytest.mark.parametrize("eval_autocast, dtype", [(None, torch.float32), (True, torch.bfloat16)],
