@@ -20,8 +20,9 @@ For every (sample ratio, dtype) cell, on random images of the given size:
 
 Every figure also shows its ratio to the sample-ratio-1.0 fp32 cell of the same run (or, if
 that cell is not measured, to the cell of the largest ratio and the first dtype). Mixed
-precision is ``torch.autocast`` with bf16 (CUDA, and CPUs where oneDNN computes it natively) or fp16 (CUDA). Activation
-checkpointing is off unless ``--activation-checkpointing`` is given, whatever the config says.
+precision is ``torch.autocast`` with bf16 (CUDA, and CPUs where oneDNN computes it natively;
+by default a CPU without it measures fp32 alone) or fp16 (CUDA). Activation checkpointing is
+off unless ``--activation-checkpointing`` is given, whatever the config says.
 The output ends with the machine's load average: on a CPU shared with other processes every
 multi-threaded op can wait a scheduler slice for a preempted thread, so timings from a busy
 machine are skewed (``--threads 1`` is steadier there).
