@@ -136,8 +136,8 @@ def test_mae_chain_pretrains_draws_and_compares_two_fine_tunings(tmp_path):
         assert summary[stage]["seconds"] > 0 and 0 <= summary[stage]["bbox/AP"] <= 100
         assert (run / stage / "model_final.pth").is_file()
     pretrained = str(run / "pretrain" / "model_final.pth")
-    assert f"mae_checkpoint.path={pretrained}" in (run / "finetune_mae" / "log.txt").read_text()
-    assert "mae_checkpoint.path=scratch" in (run / "finetune_scratch" / "log.txt").read_text()
+    assert f"mae_checkpoint.path='{pretrained}'" in (run / "finetune_mae" / "log.txt").read_text()  # quoted path
+    assert "mae_checkpoint.path='scratch'" in (run / "finetune_scratch" / "log.txt").read_text()
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| MAE pre-trained", "| random weights"))]
     assert len(rows) == 2 and all(len(row.strip("|").split("|")) == 6 for row in rows)
     for name in ("reconstruction.png", "mae_loss.png"):
