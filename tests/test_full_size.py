@@ -6,8 +6,8 @@ then evaluate and print detectron2's AP tables.
 
 The configs' own mappers, augmentations and evaluator run untouched; only the batch, the
 iteration count and the output folder are overridden. On 2 cores: 2-3 minutes each with native
-bf16; in fp32 on a CPU with AVX2 only, 3 minutes for MIMDet and 9.5 minutes for Benchmarking
-with 2 images per step.
+bf16; in fp32 on a CPU with AVX2 only, 3.7 minutes for MIMDet and 7 for Benchmarking (9.5 with
+2 images per step).
 """
 import json
 import math
