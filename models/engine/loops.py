@@ -197,14 +197,13 @@ def prepare(cfg, eval_only: bool = False) -> None:
     if not torch.cuda.is_available() and cfg.train.device != "cpu":
         logger.info("CUDA is not available: running on CPU (train.device=cpu).")
         cfg.train.device = "cpu"
-    if str(cfg.train.amp.get("dtype", None)).lower() in ("none", "null"):
-        cfg.train.amp.dtype = None  # "dtype=None" on the command line: the string 'None' to the override parser
+    cfg.train.amp.dtype = amp_support.unset_as_none(cfg.train.amp.get("dtype", None))
     precision = [str(amp_dtype(cfg, evaluation=e) or "fp32").replace("torch.", "") for e in (False, True)]
     if precision != ["fp32", "fp32"]:
         logger.info("Mixed precision (train.amp) on %s: training %s, evaluation %s", cfg.train.device, *precision)
     if torch.device(cfg.train.device).type == "cpu" and not amp_support.cpu_has_native_bf16():
         asked = cfg.train.amp.enabled or cfg.train.amp.get("eval", None)
-        if asked and resolve_amp_dtype(True, cfg.train.amp.get("dtype", None), "cpu") is None:
+        if asked and cfg.train.amp.dtype is None:
             logger.warning("train.amp: oneDNN reports no native bf16 on this CPU (x86 needs AVX512 or AMX), where bf16 "
                            "autocast is several times slower than fp32: running in fp32 (train.amp.dtype=bf16 "
                            "forces bf16)")

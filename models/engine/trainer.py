@@ -34,6 +34,12 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def unset_as_none(dtype: Optional[str]) -> Optional[str]:
+    """``train.amp.dtype`` with "None" / "null" as None: the command line's ``dtype=None`` reaches
+    the config as the string 'None'."""
+    return None if isinstance(dtype, str) and dtype.lower() in ("none", "null") else dtype
+
+
 def resolve_amp_dtype(enabled: bool, dtype: Optional[str], device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype for ``train.amp``, or None for fp32.
 
@@ -45,8 +51,7 @@ def resolve_amp_dtype(enabled: bool, dtype: Optional[str], device_type: str) -> 
     """
     if not enabled:
         return None
-    if isinstance(dtype, str) and dtype.lower() in ("none", "null"):  # "dtype=None" on the command line
-        dtype = None
+    dtype = unset_as_none(dtype)
     if dtype is None:
         if device_type != "cuda" and not cpu_has_native_bf16():
             return None
