@@ -100,12 +100,14 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
 
 def is_simple_region(mask: np.ndarray) -> bool:
     """True if ``mask`` is one 4-connected region without holes: its background (padded by a
-    pixel all round) is one 8-connected region, the dual connectivity of the foreground's."""
+    pixel all round) is one 4-connected region too. A background pocket that reaches the
+    outside only through a pixel corner counts as a hole: the outline along pixel edges would
+    touch itself at that corner, which a COCO polygon cannot express."""
     if not mask.any():
         return False
     foreground, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4)
     background, _ = cv2.connectedComponents(np.pad(~mask, 1, constant_values=True).astype(np.uint8),
-                                            connectivity=8)
+                                            connectivity=4)
     return foreground == 2 and background == 2  # each count includes the other's label 0
 
 

@@ -94,9 +94,16 @@ def test_pixel_outline_and_simple_regions():
     holed = np.ones((5, 5), bool)
     holed[2, 2] = False
     diagonal = np.eye(3, dtype=bool)
-    assert not is_simple_region(holed) and not is_simple_region(diagonal)
+    # A ring whose hole reaches the outside only through a pixel corner: its outline touches
+    # itself there, so it is no simple polygon.
+    pinched = np.array([[0, 0, 1, 1, 1],
+                        [0, 0, 1, 0, 1],
+                        [1, 1, 0, 0, 1],
+                        [1, 0, 0, 0, 1],
+                        [1, 1, 1, 1, 1]], bool)
+    assert not is_simple_region(holed) and not is_simple_region(diagonal) and not is_simple_region(pinched)
     assert not is_simple_region(np.zeros((3, 3), bool))
-    for not_simple in (holed, diagonal):
+    for not_simple in (holed, diagonal, pinched):
         with pytest.raises(ValueError, match="one 4-connected region without holes"):
             pixel_outline(not_simple)
 
