@@ -21,7 +21,8 @@ def apply_overrides(cfg, overrides: List[str]):
     """``LazyConfig.apply_overrides`` that refuses unknown keys and wrongly typed values.
 
     A key must exist in the config, or name an argument of the callable its parent node
-    builds (``_target_``). A number or bool may not become a string.
+    builds (``_target_``). A number or bool may not become a string. ``key=None`` sets None
+    where the key holds None or is new (the grammar alone would store the string 'None').
     """
     for override in overrides:
         key, sep, _ = override.partition("=")
@@ -38,6 +39,11 @@ def apply_overrides(cfg, overrides: List[str]):
         except Exception as e:
             raise ValueError(f"cannot apply override '{override}': {e}") from e
         new = OmegaConf.select(cfg, key)
+        if new == "None" and (old is None or old is _MISSING):
+            # Python's None, which the override grammar reads as the string 'None' (it spells
+            # None "null"): a key that holds None, or a new one, takes None itself.
+            OmegaConf.update(cfg, key, None, merge=False)
+            new = None
         if OmegaConf.is_dict(old) and new is not None and not OmegaConf.is_dict(new):  # null turns a part off
             keys = sorted(k for k in old.keys() if k != "_target_")
             likely = "path" if "path" in keys else (keys[0] if keys else "<key>")

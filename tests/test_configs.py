@@ -180,6 +180,12 @@ def test_overrides_apply_and_reject_bad_input():
         load(VIT_B_05, "train.max_iter=ten")
     with pytest.raises(ValueError, match="key=value"):
         load(VIT_B_05, "train.max_iter")
+    # None as Python spells it, for a key that holds None: None, not the string 'None' (which
+    # detectron2 would also write into the run's config.yaml).
+    assert cfg.train.amp.dtype is None
+    assert load(VIT_B_05, "train.amp.dtype=None").train.amp.dtype is None
+    assert load(VIT_B_05, "train.amp.dtype=null").train.amp.dtype is None
+    assert load(VIT_B_05, "train.output_dir=None").train.output_dir == "None"  # a folder named None
 
 
 def built_optimizer(config: str, *overrides: str):
