@@ -185,6 +185,7 @@ class _SDPA(torch.nn.Module):
     (["--sample-ratios", "1.5"], "--sample-ratios must lie in"),
     (["--height", "100"], "--height must be a positive multiple of 32"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
+    (["--compile"], "--compile goes with --reference"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -217,3 +218,36 @@ def test_reference_backbone_has_the_same_layers_and_outputs_and_is_timed_beside_
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     lines = benchmark.reference_comparison(backbone, images, [0.5], ["fp32"], torch.device("cpu"), 1, 0)
     assert len(lines) == 1 and "ours / reference = " in lines[0] and "sample ratio 0.5, fp32" in lines[0]
+
+
+def test_compiled_backbone_is_timed_beside_eager_or_said_unavailable(tiny_backbone, monkeypatch):
+    images = torch.randn(1, 3, 64, 96)
+    cpu = torch.device("cpu")
+    calls = []
+
+    real_compile = torch.compile
+
+    def counting_compile(module):  # torch.compile with dynamo's tracing alone (no C++ compiler), counted
+        compiled = real_compile(module, backend="eager")
+        module.register_forward_pre_hook(lambda m, inputs: calls.append(inputs[0].shape))
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    lines = benchmark.reference_comparison(tiny_backbone, images, [0.25, 0.5], ["fp32"], cpu, 2, 1,
+                                           compile_backbone=True)
+    assert len(lines) == 2 and all("under torch.compile" in line and "of eager (compiling took" in line
+                                   for line in lines)
+    # Per cell, eager: one warm-up and two timed steps; compiled: the compiling step too.
+    assert len(calls) == 2 * ((1 + 2) + (1 + 1 + 2))
+    assert "sample ratio 0.25" in lines[0] and "sample ratio 0.5" in lines[1]
+
+    def failing_compile(module):
+        def run(x):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    lines = benchmark.reference_comparison(tiny_backbone, images, [0.5], ["fp32"], cpu, 1, 0, compile_backbone=True)
+    assert lines[0] == ("torch.compile is unavailable here (RuntimeError: InvalidCxxCompiler: no working C++ "
+                        "compiler found): eager figures only")
+    assert len(lines) == 2 and "ours / reference = " in lines[1] and "torch.compile" not in lines[1]

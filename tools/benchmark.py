@@ -4,6 +4,7 @@
         [--dtypes fp32 bf16] [--height 800 --width 1216] [--batch-size 1] [--repeats 3] \\
         [--warmup 1] [--device cpu|cuda] [--threads N] [--activation-checkpointing] [--skip-detector] \\
         [--profile [ROWS]] [--png chart.png] [key=value ...]
+    python tools/benchmark.py --reference [--compile] [same options]
 
 For every (sample ratio, dtype) cell, on random images of the given size:
 
@@ -313,27 +314,52 @@ class ReferenceBackbone(torch.nn.Module):
 
 
 def reference_comparison(backbone: torch.nn.Module, images: torch.Tensor, ratios: Sequence[float],
-                         dtypes: Sequence[str], device: torch.device, repeats: int, warmup: int) -> List[str]:
-    """Backbone fwd+bwd of ours against ``ReferenceBackbone``, interleaved; one line per cell."""
+                         dtypes: Sequence[str], device: torch.device, repeats: int, warmup: int,
+                         compile_backbone: bool = False) -> List[str]:
+    """Backbone fwd+bwd of ours against ``ReferenceBackbone``, interleaved; one line per cell.
+
+    With ``compile_backbone``, ours under ``torch.compile`` is timed beside them (after one
+    untimed compiling step per cell, whose time is reported). Where torch.compile fails (no
+    C++ compiler, an unsupported platform), a line says why and the other figures stand.
+    """
     torch.manual_seed(0)
     reference = ReferenceBackbone(backbone).to(device).train()
 
-    def step(model, ratio: float, dtype: str) -> None:
+    def step(model, ratio: float, dtype: str, runner=None) -> None:
         model.sample_ratio = ratio
         model.train()
         model.zero_grad(set_to_none=True)
         with _autocast(device, dtype):
-            loss = sum(f.float().mean() for f in model(images).values())
+            loss = sum(f.float().mean() for f in (model if runner is None else runner)(images).values())
         loss.backward()
 
     cells = [(ratio, dtype) for ratio in ratios for dtype in dtypes]
-    steps = [functools.partial(step, model, r, d) for r, d in cells for model in (backbone, reference)]
+    runners = [(backbone, None), (reference, None)]
+    lines, compile_seconds = [], {}
+    if compile_backbone:
+        compiled = torch.compile(backbone)
+        try:
+            for ratio, dtype in cells:
+                start = time.perf_counter()
+                step(backbone, ratio, dtype, compiled)
+                _sync(device)
+                compile_seconds[ratio, dtype] = time.perf_counter() - start
+            runners.append((backbone, compiled))
+        except Exception as e:  # torch.compile raises many kinds (no compiler, unsupported op, ...)
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            lines.append(f"torch.compile is unavailable here ({type(e).__name__}: {reason}): eager figures only")
+            compile_seconds.clear()
+    steps = [functools.partial(step, model, r, d, runner) for r, d in cells for model, runner in runners]
     medians = interleaved_medians(steps, device, repeats, warmup)
     backbone.zero_grad(set_to_none=True)
-    lines = []
-    for (ratio, dtype), ours, theirs in zip(cells, medians[::2], medians[1::2]):
-        lines.append(f"backbone fwd+bwd at sample ratio {ratio:g}, {dtype}: ours {ours * 1e3:.0f} ms, plain reference "
-                     f"{theirs * 1e3:.0f} ms: ours / reference = {ours / theirs:.2f}x (target <= 1.00)")
+    for index, (ratio, dtype) in enumerate(cells):
+        ours, theirs, *compiled_time = medians[index * len(runners):(index + 1) * len(runners)]
+        line = (f"backbone fwd+bwd at sample ratio {ratio:g}, {dtype}: ours {ours * 1e3:.0f} ms, plain reference "
+                f"{theirs * 1e3:.0f} ms: ours / reference = {ours / theirs:.2f}x (target <= 1.00)")
+        if compiled_time:
+            line += (f"; ours under torch.compile {compiled_time[0] * 1e3:.0f} ms = {compiled_time[0] / ours:.2f}x "
+                     f"of eager (compiling took {compile_seconds[ratio, dtype]:.0f} s)")
+        lines.append(line)
     return lines
 
 
@@ -573,6 +599,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reference", action="store_true",
                         help="instead of the table: our backbone's fwd+bwd against a plain implementation of the "
                              "same layers (ReferenceBackbone), per sample ratio and dtype")
+    parser.add_argument("--compile", action="store_true",
+                        help="with --reference: also time our backbone under torch.compile (and say how long "
+                             "compiling took); where torch.compile fails, a line says why")
     parser.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="ROWS",
                         help="also print torch.profiler's top operators of a backbone step per cell")
     parser.add_argument("--png", help="write a chart of the figures against the sample ratio here")
@@ -585,6 +614,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) <= 0 or getattr(args, name) % 32:
             parser.error(f"--{name} must be a positive multiple of 32 (the backbone's size divisibility), "
                          f"got {getattr(args, name)}")
+    if args.compile and not args.reference:
+        parser.error("--compile goes with --reference (it times the backbone step only)")
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 0:
         parser.error("--batch-size and --repeats must be >= 1, --warmup and --threads >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -622,7 +653,7 @@ def main(argv=None) -> List[Cell]:
         backbone = instantiate(cfg.model).backbone.bottom_up.to(device)
         images = synthetic_images(args.batch_size, args.height, args.width, device).tensor
         lines = reference_comparison(backbone, images, args.sample_ratios, args.dtypes, device, args.repeats,
-                                     args.warmup)
+                                     args.warmup, compile_backbone=args.compile)
         print("\n".join([title.replace("backbone and detector", "backbone against a plain reference")] + lines +
                          [f"machine load (1-min load average, {os.cpu_count()} cores): {load_before} at start, "
                           f"{_load_average()} at end"]))
