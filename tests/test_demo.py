@@ -100,6 +100,19 @@ def test_fresh_while_another_run_holds_the_folder_is_refused_in_one_line(tmp_pat
     assert (folder / "log.txt").read_text() == "a live run's log\n"  # nothing was cleared
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--num-pictures", "0"], "--num-pictures must be at least 1, got 0"),
+    (["--num-train", "-3"], "--num-train must be at least 1, got -3"),
+    (["train.output_dir=/tmp/elsewhere"], "the demo's run folder is --output"),
+    (["--mae", "--pretrain-opt", "train.output_dir=/tmp/x"], "the demo's run folder is --output"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--data", str(tmp_path / "shapes"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "shapes").exists()
+
+
 def test_final_results_needs_an_evaluation(tmp_path):
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")

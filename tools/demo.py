@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if os.path.exists(args.data) and not os.path.isdir(args.data):
         parser.error(f"--data {args.data} is a file; it takes a folder (the shapes are generated there if absent)")
+    for name in ("num_pictures", "num_train", "num_val"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for opt in [*args.opts, *args.pretrain_opt]:
+        if opt.partition("=")[0].strip().lstrip("+") == "train.output_dir":
+            parser.error(f"'{opt}': the demo's run folder is --output (default output/demo)")
     return args
 
 
@@ -293,7 +299,9 @@ def main(argv=None) -> int:
     try:
         return run(parse_args(argv))
     except subprocess.CalledProcessError as e:
-        logger.error("the launcher stopped with exit status %d; its messages are above", e.returncode)
+        logger.error("the launcher stopped with exit status %d; its messages are above. A demo run continues "
+                     "with the settings it started with: for other settings add --fresh (or choose another "
+                     "--output)", e.returncode)
         return 1
     except KeyboardInterrupt:
         logger.error("interrupted; run the same command again to continue")
