@@ -51,6 +51,17 @@ def main(argv=None) -> None:
     parser.add_argument("--preview", type=int, default=0, metavar="N",
                         help="also draw the annotations of the first N val images into OUT/preview")
     args = parser.parse_args(argv)
+    for name in ("num_train", "num_val"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0 (numpy seeds are non-negative), got {args.seed}")
+    if args.preview < 0:
+        parser.error(f"--preview takes a number of val images >= 0, got {args.preview}")
+    if not args.out.strip():
+        parser.error("--out is empty; give the folder to write the dataset into")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file; it takes a folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     if args.force:

@@ -214,6 +214,10 @@ def generate_split(root: str, split: str, num_images: int, seed: int = 0,
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if num_images < 1:
+        raise ValueError(f"{split} needs at least one image, got num_images={num_images}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     json_file, image_root = _paths(root, split)
     os.makedirs(image_root, exist_ok=True)
     os.makedirs(os.path.dirname(json_file), exist_ok=True)

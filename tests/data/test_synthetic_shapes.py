@@ -14,8 +14,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from models.data.synthetic_shapes import (
-    DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, is_simple_region, pixel_outline, register_shapes,
-    render_image,
+    DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, generate_split, is_simple_region, pixel_outline,
+    register_shapes, render_image,
 )
 
 NUM_TRAIN, NUM_VAL = 16, 6
@@ -159,3 +159,26 @@ def test_register_elsewhere_replaces_the_registration(shapes, tmp_path):
     register_shapes(root, NUM_TRAIN, NUM_VAL, seed=3, names=names)
     register_shapes(str(tmp_path), 2, 1, seed=3, names=names)
     assert len(DatasetCatalog.get("shapes_test_a")) == 2 and len(DatasetCatalog.get("shapes_test_b")) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-train", "0"], "--num-train must be at least 1, got 0"),
+    (["--force", "--num-val", "-3"], "--num-val must be at least 1, got -3"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--preview", "-1"], "--preview takes a number of val images >= 0"),
+    (["--out", ""], "--out is empty"),
+])
+def test_generator_command_refuses_bad_arguments_before_writing(tmp_path, monkeypatch, capsys, argv, message):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_shapes", os.path.join(os.path.dirname(__file__), "..", "..", "datasets", "generate_shapes.py"))
+    generate_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate_shapes)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        generate_shapes.main(["--out", str(tmp_path / "out"), *argv])
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # nothing written, not even with --out ''
+    with pytest.raises(ValueError, match="num_images=-3"):
+        generate_split(str(tmp_path / "out"), "train", -3)
