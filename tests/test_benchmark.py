@@ -183,7 +183,11 @@ class _SDPA(torch.nn.Module):
 
 @pytest.mark.parametrize("argv, message", [
     (["--sample-ratios", "1.5"], "--sample-ratios must lie in"),
-    (["--height", "100"], "--height must be a positive multiple of 32"),
+    (["--height", "100"], "--height must be a multiple of 32"),
+    (["--width", "32"], "of at least 64"),
+    (["--reference", "--png", "chart.png"], "--png: options of the table, which --reference replaces"),
+    (["--reference", "--profile", "--skip-detector"], "--profile, --skip-detector: options of the table"),
+    (["--profile", "-3"], "--profile takes a number of rows >= 1"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
     (["--compile"], "--compile goes with --reference"),
 ])

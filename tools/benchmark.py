@@ -611,11 +611,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not 0.0 < ratio <= 1.0:
             parser.error(f"--sample-ratios must lie in (0, 1], got {ratio}")
     for name in ("height", "width"):
-        if getattr(args, name) <= 0 or getattr(args, name) % 32:
-            parser.error(f"--{name} must be a positive multiple of 32 (the backbone's size divisibility), "
-                         f"got {getattr(args, name)}")
+        if getattr(args, name) < 64 or getattr(args, name) % 32:
+            parser.error(f"--{name} must be a multiple of 32 (the backbone's size divisibility) of at least 64 "
+                         f"(the normalised stride-32 map needs more than one pixel), got {getattr(args, name)}")
     if args.compile and not args.reference:
         parser.error("--compile goes with --reference (it times the backbone step only)")
+    if args.reference:
+        table_only = [flag for flag, given in (("--png", args.png), ("--profile", args.profile),
+                                               ("--skip-detector", args.skip_detector)) if given]
+        if table_only:
+            parser.error(f"{', '.join(table_only)}: options of the table, which --reference replaces")
+    if args.profile < 0:
+        parser.error(f"--profile takes a number of rows >= 1, got {args.profile}")
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 0:
         parser.error("--batch-size and --repeats must be >= 1, --warmup and --threads >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
