@@ -202,6 +202,10 @@ def test_infer_with_a_mimdet_config_sees_every_token_and_repeats_exactly(setup, 
     message = _exit_message([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
                              "--checkpoint", str(checkpoint), "--sample-ratio", "1.5"])
     assert "--sample-ratio must be in (0, 1], got 1.5" in message
+    for threshold in ("nan", "2", "-0.1"):
+        message = _exit_message([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
+                                 "--checkpoint", str(checkpoint), "--score-threshold", threshold])
+        assert f"--score-threshold must be in [0, 1] (scores are probabilities), got {float(threshold)}" in message
 
 
 def test_infer_results_equal_detectron2_postprocessing(setup):

@@ -196,6 +196,9 @@ def run(args: argparse.Namespace) -> str:
             raise InferenceError(f"{flag} {path}: no such file")
     if not 0 < args.sample_ratio <= 1:
         raise InferenceError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
+    if not 0 <= args.score_threshold <= 1:  # NaN too: no score compares >= NaN
+        raise InferenceError(f"--score-threshold must be in [0, 1] (scores are probabilities), "
+                             f"got {args.score_threshold}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InferenceError("--device cuda: CUDA is not available here; use --device cpu")
     paths = check_readable(collect_images(args.inputs), args.skip_unreadable)
