@@ -39,7 +39,7 @@ def apply_overrides(cfg, overrides: List[str]):
         except Exception as e:
             raise ValueError(f"cannot apply override '{override}': {e}") from e
         new = OmegaConf.select(cfg, key)
-        if new == "None" and (old is None or old is _MISSING):
+        if isinstance(new, str) and new.lower() == "none" and (old is None or old is _MISSING):
             # Python's None, which the override grammar reads as the string 'None' (it spells
             # None "null"): a key that holds None, or a new one, takes None itself.
             OmegaConf.update(cfg, key, None, merge=False)

@@ -185,6 +185,7 @@ def test_overrides_apply_and_reject_bad_input():
     assert cfg.train.amp.dtype is None
     assert load(VIT_B_05, "train.amp.dtype=None").train.amp.dtype is None
     assert load(VIT_B_05, "train.amp.dtype=null").train.amp.dtype is None
+    assert load(VIT_B_05, "train.amp.dtype=none").train.amp.dtype is None
     assert load(VIT_B_05, "train.output_dir=None").train.output_dir == "None"  # a folder named None
 
 
