@@ -210,7 +210,8 @@ def generate_split(root: str, split: str, num_images: int, seed: int = 0,
     """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json``.
 
     Image ids start at 1 (train) and 1,000,001 (val); file names carry the split, so splits
-    never share ids or files. Returns (json_file, image_root).
+    never share ids or files. Images of an earlier, larger split are removed; other files in
+    the folder are left alone. Returns (json_file, image_root).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
@@ -233,6 +234,10 @@ def generate_split(root: str, split: str, num_images: int, seed: int = 0,
         images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
         for instance in instances:
             annotations.append(_annotation(instance, image_id, len(annotations) + 1 + split_index * 10_000_000))
+    current = {image["file_name"] for image in images}
+    for name in os.listdir(image_root):  # images of an earlier, larger split are not data any more
+        if name.startswith(f"{split}_") and name.endswith(".png") and name not in current:
+            os.remove(os.path.join(image_root, name))
     coco = {"info": _split_info(split, num_images, seed, cfg), "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": name} for i, name in enumerate(SHAPE_CLASSES)]}
     temporary = f"{json_file}.{os.getpid()}.tmp"

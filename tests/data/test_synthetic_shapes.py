@@ -130,6 +130,14 @@ def test_ensure_shapes_keeps_current_data_and_redoes_stale(shapes):
         ensure_shapes(root, 0, NUM_VAL)
 
 
+def test_a_smaller_split_leaves_no_stale_images(tmp_path):
+    config = ShapesConfig(image_size=(48, 64), object_size=(16, 24), objects_per_image=(1, 2))
+    _, image_root = generate_split(str(tmp_path), "train", 4, cfg=config)
+    (tmp_path / "train" / "notes.txt").write_text("not ours")
+    generate_split(str(tmp_path), "train", 2, cfg=config)
+    assert sorted(os.listdir(image_root)) == ["notes.txt", "train_000000.png", "train_000001.png"]
+
+
 def test_register_shapes_gives_detectron2_instances(shapes):
     root, _ = shapes
     assert register_shapes(root, NUM_TRAIN, NUM_VAL, seed=3) == list(DATASET_NAMES)
