@@ -201,6 +201,10 @@ def run(args: argparse.Namespace) -> str:
                              f"got {args.score_threshold}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InferenceError("--device cuda: CUDA is not available here; use --device cpu")
+    not_overrides = [opt for opt in args.opts if "=" not in opt]
+    if not_overrides:  # argparse gives --opts every word after it, images included
+        raise InferenceError(f"--opts takes KEY=VALUE config overrides, got {not_overrides[0]!r}; put images "
+                             "before --opts")
     paths = check_readable(collect_images(args.inputs), args.skip_unreadable)
     try:
         cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
