@@ -5,6 +5,7 @@ evaluate. ``lazyconfig_train_net.py`` parses arguments and calls these.
 import contextlib
 import json
 import logging
+import math
 import os
 from typing import List, Optional
 
@@ -66,6 +67,10 @@ def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_train_config(cfg) -> None:
     """Refuse, naming the key, values the launcher cannot use: they would otherwise fail with a
     TypeError or ZeroDivisionError somewhere inside a run, or be ignored."""
@@ -108,6 +113,12 @@ def check_train_config(cfg) -> None:
         problems.append(f"train.seed must be a whole number (-1: random), got {train.get('seed')!r}")
     if not isinstance(train.get("output_dir", None), str) or not train.output_dir.strip():
         problems.append(f"train.output_dir must be a folder path, got {train.get('output_dir', None)!r}")
+    lr, decay = cfg.optimizer.get("lr", 1.0), cfg.optimizer.get("weight_decay", 0.0)
+    lazy = OmegaConf.is_dict(lr) and "_target_" in lr  # computed when the optimizer is built (MAE's scaled lr)
+    if not lazy and not (_number(lr) and lr > 0):  # null passes the optimizer's constructor, fails in its step
+        problems.append(f"optimizer.lr must be a positive number, got {lr!r}")
+    if not (_number(decay) and decay >= 0):
+        problems.append(f"optimizer.weight_decay must be a number >= 0, got {decay!r}")
     batch = cfg.dataloader.train.get("total_batch_size", None)
     if batch is not None and (not _whole(batch) or batch < 1):
         problems.append(f"dataloader.train.total_batch_size must be a whole number >= 1, got {batch!r}")
