@@ -33,7 +33,7 @@ from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
 from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
 from models.engine.loops import (build_model, check_classes, check_start_weights, do_test, do_train, prepare, run_seed,
-                                 wrap_ddp)
+                                 save_config, wrap_ddp)
 from models.engine.run_folder import hold_run_folder
 
 logger = logging.getLogger("detectron2")
@@ -47,6 +47,8 @@ def main(args) -> Optional[dict]:
         logger.info("--num-cpu-processes: running on CPU (train.device=cpu).")
         cfg.train.device = "cpu"
     prepare(cfg, eval_only=args.eval_only)
+    if comm.is_main_process():  # default_setup saved it before prepare fitted it to the machine and data
+        save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
     if not args.eval_only:
         do_train(args, cfg)
         return None

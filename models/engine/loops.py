@@ -10,7 +10,7 @@ import os
 from typing import List, Optional
 
 import torch
-from detectron2.config import instantiate
+from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -249,6 +249,15 @@ def prepare(cfg, eval_only: bool = False) -> None:
             roi_heads.num_classes = len(classes)
     if cfg.dataloader.get("evaluator", None) is not None:  # detectron2's EvalHook also evaluates at the end
         check_test_set(cfg, eval_only)
+
+
+def save_config(cfg, path: str) -> None:
+    """Write ``cfg`` as detectron2's LazyConfig yaml to ``path``, replacing it only once it is
+    whole."""
+    partial = path + ".partial"
+    LazyConfig.save(cfg, partial)
+    if os.path.isfile(partial):  # LazyConfig.save logs why, and writes a .pkl beside it, where yaml fails
+        os.replace(partial, path)
 
 
 def dataset_names(cfg, split: str) -> List[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import models  # noqa: F401  (before detectron2)
 import pytest
 import torch
+import yaml
 from detectron2.config import instantiate
 from detectron2.utils.events import EventStorage
 
@@ -65,6 +66,10 @@ def test_train_writes_checkpoints_and_metrics(toy, trained):
     log = trained.stdout + trained.stderr
     assert "running on CPU" in log
     assert "num_classes 80 -> 2" in log
+    # The run's config.yaml holds the config it ran with, fitted to this machine and the data.
+    saved = yaml.unsafe_load((output_dir / "config.yaml").read_text())
+    assert saved["model"]["roi_heads"]["num_classes"] == 2 and saved["train"]["device"] == "cpu"
+    assert not list(output_dir.glob("*.partial"))
     assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint"} <= set(
         os.listdir(output_dir)
     )
