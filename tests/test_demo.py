@@ -60,9 +60,13 @@ def test_demo_trains_evaluates_and_draws(demo_run):
 
 def test_rerun_continues_and_fresh_starts_over(demo_run):
     tmp_path, _ = demo_run
+    stale = tmp_path / "run" / "predictions" / "val_000099.png"  # as an earlier run with more pictures leaves
+    stale.write_bytes(b"")
     again = _run_demo(tmp_path, SHALLOWER)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Continuing the demo run" in again.stderr
+    assert sorted(os.listdir(tmp_path / "run" / "predictions")) == ["images.json", "results.json",
+                                                                     "val_000000.png", "val_000001.png"]
     fresh = _run_demo(tmp_path, SHALLOWER, "--fresh")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "--fresh: removed the previous demo run's" in fresh.stderr

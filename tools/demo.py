@@ -168,6 +168,7 @@ def visualize(output: str, val_json: str, val_root: str, count: int, opts: Seque
     with open(val_json) as f:
         names = sorted(image["file_name"] for image in json.load(f)["images"])[:count]
     folder = os.path.join(output, "predictions")
+    shutil.rmtree(folder, ignore_errors=True)  # pictures of an earlier run's model would stay beside these
     infer.run(infer.parse_args([
         *(os.path.join(val_root, name) for name in names),
         "--config-file", CONFIG, "--checkpoint", os.path.join(output, "model_final.pth"),
