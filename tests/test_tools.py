@@ -209,6 +209,12 @@ def test_infer_with_a_mimdet_config_sees_every_token_and_repeats_exactly(setup, 
     message = _exit_message([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
                              "--checkpoint", str(checkpoint), "--opts", "train.seed=1", image_root])
     assert f"--opts takes KEY=VALUE config overrides, got {image_root!r}; put images before --opts" in message
+    message = _exit_message(["--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
+                             "--checkpoint", str(checkpoint), "--opts", "train.seed=1", image_root])
+    assert f"got {image_root!r}; put images before --opts" in message
+    message = _exit_message(["--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
+                             "--checkpoint", str(checkpoint)])
+    assert message.endswith("no images given: name image files, folders or globs")
 
 
 def test_infer_results_equal_detectron2_postprocessing(setup):

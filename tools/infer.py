@@ -172,7 +172,8 @@ def test_augmentations(cfg) -> T.AugmentationList:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="image files, folders or quoted globs")
+    # "*", not "+": with every image after --opts, run() says where they went, not argparse
+    parser.add_argument("inputs", nargs="*", help="image files, folders or quoted globs")
     parser.add_argument("--config-file", required=True, help="LazyConfig .py file")
     parser.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
     parser.add_argument("--output", default="output/infer", help="folder for PNGs and results.json")
@@ -205,6 +206,8 @@ def run(args: argparse.Namespace) -> str:
     if not_overrides:  # argparse gives --opts every word after it, images included
         raise InferenceError(f"--opts takes KEY=VALUE config overrides, got {not_overrides[0]!r}; put images "
                              "before --opts")
+    if not args.inputs:
+        raise InferenceError("no images given: name image files, folders or globs")
     paths = check_readable(collect_images(args.inputs), args.skip_unreadable)
     try:
         cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
