@@ -252,10 +252,15 @@ def _is_current(root: str, split: str, num_images: int, seed: int, cfg: ShapesCo
     json_file, image_root = _paths(root, split)
     if not os.path.isfile(json_file):
         return False
-    with open(json_file) as f:
-        coco = json.load(f)
-    return coco.get("info") == _split_info(split, num_images, seed, cfg) and all(
-        os.path.isfile(os.path.join(image_root, image["file_name"])) for image in coco["images"])
+    try:
+        with open(json_file) as f:
+            coco = json.load(f)
+        return coco.get("info") == _split_info(split, num_images, seed, cfg) and all(
+            os.path.isfile(os.path.join(image_root, image["file_name"])) for image in coco["images"])
+    except (ValueError, AttributeError, TypeError, KeyError):  # a damaged or foreign file: generate it again
+        logger.warning("%s is not a json this generator wrote (damaged?): generating the %s split again",
+                       json_file, split)
+        return False
 
 
 def ensure_shapes(root: str, num_train: int = 600, num_val: int = 100, seed: int = 0,

@@ -130,6 +130,16 @@ def test_ensure_shapes_keeps_current_data_and_redoes_stale(shapes):
         ensure_shapes(root, 0, NUM_VAL)
 
 
+@pytest.mark.parametrize("damage", ["{", "", "[]", '{"info": 1}'])
+def test_a_damaged_json_is_generated_again(tmp_path, damage):
+    config = ShapesConfig(image_size=(48, 64), object_size=(16, 24), objects_per_image=(1, 2))
+    paths = ensure_shapes(str(tmp_path), 2, 1, cfg=config)
+    with open(paths["val"][0], "w") as f:
+        f.write(damage)
+    assert ensure_shapes(str(tmp_path), 2, 1, cfg=config) == paths
+    assert len(json.load(open(paths["val"][0]))["images"]) == 1
+
+
 def test_a_smaller_split_leaves_no_stale_images(tmp_path):
     config = ShapesConfig(image_size=(48, 64), object_size=(16, 24), objects_per_image=(1, 2))
     _, image_root = generate_split(str(tmp_path), "train", 4, cfg=config)
