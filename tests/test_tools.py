@@ -197,7 +197,14 @@ def test_infer_with_a_mimdet_config_sees_every_token_and_repeats_exactly(setup, 
             infer.main([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
                         "--checkpoint", str(checkpoint), "--output", str(out), "--score-threshold", "0"])
         results.append((out / "results.json").read_text())
-    assert "The ViT sees 1.0 of the image tokens" in caplog.text
+    assert "The ViT sees 1.0 of the image tokens (the config's eval_sample_ratio)" in caplog.text
+    # --opts reaches the backbone like --sample-ratio: a random half of the tokens.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        infer.main([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
+                    "--checkpoint", str(checkpoint), "--output", str(tmp_path / "half"), "--score-threshold", "0",
+                    "--opts", "model.backbone.bottom_up.eval_sample_ratio=0.5"])
+    assert "The ViT sees 0.5 of the image tokens (the config's eval_sample_ratio)" in caplog.text
     assert len(json.loads(results[0])) > 0 and results[0] == results[1]
     message = _exit_message([image_root, "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
                              "--checkpoint", str(checkpoint), "--sample-ratio", "1.5"])

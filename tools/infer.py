@@ -133,12 +133,13 @@ def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
 
 
 def build_model(cfg, checkpoint: str, device: str, score_threshold: float,
-                sample_ratio: float = 1.0, state: Optional[Dict] = None) -> torch.nn.Module:
+                sample_ratio: Optional[float] = 1.0, state: Optional[Dict] = None) -> torch.nn.Module:
     """The config's model with the checkpoint's weights, in eval mode; classes follow the checkpoint
     (``state``: the checkpoint already read, if the caller has it).
 
     A MIMDet backbone sees ``sample_ratio`` of the tokens (1.0, every token, as the paper
-    evaluates: the same image always gives the same detections).
+    evaluates: the same image always gives the same detections); None keeps the config's
+    ``eval_sample_ratio``.
     """
     roi_heads = cfg.model.get("roi_heads", None)
     if roi_heads is not None and "num_classes" in roi_heads:
@@ -157,8 +158,11 @@ def build_model(cfg, checkpoint: str, device: str, score_threshold: float,
     prefer_channels_last(model, cfg, device)  # as the config trains: the same values, faster on CPU
     bottom_up = getattr(getattr(model, "backbone", None), "bottom_up", None)
     if hasattr(bottom_up, "eval_sample_ratio"):
-        bottom_up.eval_sample_ratio = sample_ratio
-        logger.info("The ViT sees %s of the image tokens (--sample-ratio)%s", sample_ratio,
+        source = "the config's eval_sample_ratio" if sample_ratio is None else "--sample-ratio"
+        if sample_ratio is not None:
+            bottom_up.eval_sample_ratio = sample_ratio
+        sample_ratio = bottom_up.eval_sample_ratio
+        logger.info("The ViT sees %s of the image tokens (%s)%s", sample_ratio, source,
                     "" if sample_ratio == 1.0 else ": a random subset, so detections vary from run to run")
     return model
 
@@ -178,8 +182,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="trained weights (.pth)")
     parser.add_argument("--output", default="output/infer", help="folder for PNGs and results.json")
     parser.add_argument("--score-threshold", type=float, default=0.5)
-    parser.add_argument("--sample-ratio", type=float, default=1.0,
-                        help="fraction of tokens a MIMDet ViT sees, in (0, 1]; 1.0 (the default) is deterministic")
+    parser.add_argument("--sample-ratio", type=float, default=None,
+                        help="fraction of tokens a MIMDet ViT sees, in (0, 1]; by default the config's "
+                             "eval_sample_ratio (1.0 in every shipped config: every token, deterministic)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--coco-json", help="ground-truth COCO json: take image ids and categories from it")
     parser.add_argument("--skip-unreadable", action="store_true",
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> str:
     for flag, path in (("--config-file", args.config_file), ("--checkpoint", args.checkpoint)):
         if not os.path.isfile(path):
             raise InferenceError(f"{flag} {path}: no such file")
-    if not 0 < args.sample_ratio <= 1:
+    if args.sample_ratio is not None and not 0 < args.sample_ratio <= 1:
         raise InferenceError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
     if not 0 <= args.score_threshold <= 1:  # NaN too: no score compares >= NaN
         raise InferenceError(f"--score-threshold must be in [0, 1] (scores are probabilities), "
