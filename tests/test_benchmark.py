@@ -190,6 +190,7 @@ class _SDPA(torch.nn.Module):
     (["--profile", "-3"], "--profile takes a number of rows >= 1"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
     (["--compile"], "--compile goes with --reference"),
+    (["--png", "."], "--png: . is a folder; name the picture to write in it"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -170,7 +170,7 @@ def test_plot_metrics_smooth_and_series():
     assert series["loss_a"][0].tolist() == [1, 2] and series["loss_a"][1].tolist() == [3.0, 0.5]
 
 
-def test_plot_metrics_bad_inputs_are_named(tmp_path):
+def test_plot_metrics_bad_inputs_are_named(tmp_path, capsys):
     missing = str(tmp_path / "missing.json")
     with pytest.raises(SystemExit) as exit_info:
         plot_metrics.main([missing])
@@ -179,6 +179,18 @@ def test_plot_metrics_bad_inputs_are_named(tmp_path):
     _write_metrics(no_loss, with_loss=False)
     with pytest.raises(ValueError, match="no loss entries"):
         plot_metrics.plot_metrics(str(no_loss), str(tmp_path / "x.png"))
+    with pytest.raises(SystemExit):
+        plot_metrics.main([str(no_loss), "--smooth", "0"])
+    assert "--smooth is a number of records to average, at least 1 (no smoothing), got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder; name the picture"):
+        plot_metrics.picture_path(str(tmp_path))
+
+
+def test_plot_metrics_takes_a_run_folder_and_names_the_file_it_wrote(tmp_path, capsys):
+    _write_metrics(tmp_path / "metrics.json")
+    plot_metrics.main([str(tmp_path), "--out", str(tmp_path / "curves")])  # matplotlib adds .png
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'curves.png'}"
+    assert (tmp_path / "curves.png").is_file() and not (tmp_path / "curves").exists()
 
 
 def test_infer_with_a_mimdet_config_sees_every_token_and_repeats_exactly(setup, tmp_path, caplog):

@@ -53,6 +53,7 @@ from detectron2.config import instantiate  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from tools.plot_metrics import picture_path  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
@@ -621,6 +622,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                ("--skip-detector", args.skip_detector)) if given]
         if table_only:
             parser.error(f"{', '.join(table_only)}: options of the table, which --reference replaces")
+    if args.png:
+        try:
+            args.png = picture_path(args.png)
+        except ValueError as e:
+            parser.error(f"--png: {e}")
     if args.profile < 0:
         parser.error(f"--profile takes a number of rows >= 1, got {args.profile}")
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 0:
@@ -648,7 +654,8 @@ def main(argv=None) -> List[Cell]:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    title = (f"{os.path.basename(args.config_file)}: backbone and detector, batch {args.batch_size} x "
+    parts = "backbone" if args.skip_detector else "backbone and detector"
+    title = (f"{os.path.basename(args.config_file)}: {parts}, batch {args.batch_size} x "
              f"{args.height}x{args.width}, {where}, activation checkpointing "
              f"{'on' if args.activation_checkpointing else 'off'}, median of {args.repeats} after {args.warmup} "
              f"warm-up")
@@ -661,7 +668,7 @@ def main(argv=None) -> List[Cell]:
         images = synthetic_images(args.batch_size, args.height, args.width, device).tensor
         lines = reference_comparison(backbone, images, args.sample_ratios, args.dtypes, device, args.repeats,
                                      args.warmup, compile_backbone=args.compile)
-        print("\n".join([title.replace("backbone and detector", "backbone against a plain reference")] + lines +
+        print("\n".join([title.replace(parts, "backbone against a plain reference")] + lines +
                          [f"machine load (1-min load average, {os.cpu_count()} cores): {load_before} at start, "
                           f"{_load_average()} at end"]))
         return []

@@ -19,11 +19,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["read_metrics", "smooth", "plot_metrics"]
+__all__ = ["read_metrics", "smooth", "plot_metrics", "picture_path"]
 
 logger = logging.getLogger("mimdet.plot_metrics")
 
 Series = Dict[str, Tuple[np.ndarray, np.ndarray]]  # name -> (iterations, values)
+
+
+def picture_path(path: str) -> str:
+    """The file a picture given as ``path`` is written to: matplotlib adds ".png" to a name
+    without an extension, so the name is completed here and every message shows the real one.
+    A folder is refused."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; name the picture to write in it, e.g. {os.path.join(path, 'chart.png')}")
+    return path if os.path.splitext(path)[1] else path + ".png"
 
 
 def read_metrics(path: str) -> List[dict]:
@@ -89,8 +98,8 @@ def plot_metrics(metrics_file: str, out_file: str, smooth_window: int = 20, titl
     figure, axes = plt.subplots(2 if aps else 1, 1, figsize=(9, 8 if aps else 4.5), squeeze=False, sharex=True)
     loss_axis = axes[0, 0]
     for key, (iterations, values) in losses.items():
-        loss_axis.plot(iterations, smooth(values, smooth_window), label=key,
-                       linewidth=2.0 if key == "total_loss" else 1.0)
+        loss_axis.plot(iterations, smooth(values, smooth_window), label=key,  # a marker shows a lone record
+                       linewidth=2.0 if key == "total_loss" else 1.0, marker="o" if len(iterations) < 3 else None)
     loss_axis.set_xlabel("iteration")
     loss_axis.set_ylabel(f"loss (moving average of {smooth_window})" if smooth_window > 1 else "loss")
     loss_axis.grid(alpha=0.3)
@@ -118,14 +127,19 @@ def plot_metrics(metrics_file: str, out_file: str, smooth_window: int = 20, titl
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("metrics", help="a run's metrics.json")
+    parser.add_argument("metrics", help="a run's metrics.json, or its folder")
     parser.add_argument("--out", default=None, help="PNG to write (default: next to metrics.json)")
     parser.add_argument("--smooth", type=int, default=20, help="moving-average window for losses")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "metrics.png")
+    if os.path.isdir(args.metrics):
+        args.metrics = os.path.join(args.metrics, "metrics.json")
+    if args.smooth < 1:
+        parser.error(f"--smooth is a number of records to average, at least 1 (no smoothing), got {args.smooth}")
     try:
+        out = picture_path(args.out) if args.out else os.path.join(os.path.dirname(os.path.abspath(args.metrics)),
+                                                                    "metrics.png")
         plot_metrics(args.metrics, out, args.smooth, args.title)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"plot_metrics.py: error: {e}")
