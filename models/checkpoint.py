@@ -136,6 +136,11 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as f:
+            if f.read(1) != b"\x80":  # every pickle torch writes starts with its PROTO opcode
+                raise ValueError(f"{path} is not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle "
+                                 "(legacy torch.save)")
     if is_zip:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)

@@ -134,6 +134,10 @@ def test_infer_cli_exits_nonzero_with_message(tmp_path):
                            os.path.join(REPO, "tools", "infer.py"), "--checkpoint", missing],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and missing in done.stderr
+    for checkpoint, why in ((tmp_path, "a folder, not a file"), (image, "neither a zip archive")):
+        message = _exit_message([str(image), "--config-file", os.path.join(REPO, "configs/test/tiny_mimdet.py"),
+                                 "--checkpoint", str(checkpoint)])
+        assert message.startswith("infer.py: error: --checkpoint") and why in message
 
 
 def _write_metrics(path, with_ap: bool = True, with_loss: bool = True) -> None:

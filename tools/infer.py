@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> str:
     """Run inference as described by ``args``; return the results json path."""
     for flag, path in (("--config-file", args.config_file), ("--checkpoint", args.checkpoint)):
         if not os.path.isfile(path):
-            raise InferenceError(f"{flag} {path}: no such file")
+            raise InferenceError(f"{flag} {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     if args.sample_ratio is not None and not 0 < args.sample_ratio <= 1:
         raise InferenceError(f"--sample-ratio must be in (0, 1], got {args.sample_ratio}")
     if not 0 <= args.score_threshold <= 1:  # NaN too: no score compares >= NaN
@@ -218,7 +218,10 @@ def run(args: argparse.Namespace) -> str:
         cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
     except (KeyError, ValueError) as e:
         raise InferenceError(f"cannot apply --opts {args.opts}: {e}") from e
-    state = load_checkpoint_file(args.checkpoint)
+    try:
+        state = load_checkpoint_file(args.checkpoint)
+    except ValueError as e:
+        raise InferenceError(f"--checkpoint: {e}") from e
     trained = checkpoint_classes(state)
     if args.coco_json:
         image_ids, category_ids, class_names = ground_truth_ids(paths, args.coco_json)
