@@ -57,6 +57,17 @@ def has_checkpoint(output_dir: str) -> bool:
         name.startswith("model_") and name.endswith(".pth") for name in os.listdir(output_dir))
 
 
+def periodic_checkpoints(output_dir: str, last_iteration: int) -> List[str]:
+    """The periodic checkpoints ``model_<iteration>.pth`` in ``output_dir`` up to
+    ``last_iteration``, oldest first: those a resumed run counts towards ``max_to_keep``."""
+    found = []
+    for name in os.listdir(output_dir):
+        stem = name[len("model_"):-len(".pth")] if name.startswith("model_") and name.endswith(".pth") else ""
+        if stem.isdigit() and int(stem) <= last_iteration:
+            found.append((int(stem), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found)]
+
+
 # Parts of a config the launcher builds from: none of them may be null. A detector also needs
 # model.backbone; an evaluator needs dataloader.test (MAE pre-training has neither).
 _REQUIRED_GROUPS = ("model", "optimizer", "lr_multiplier", "dataloader", "dataloader.train", "train", "train.amp",
@@ -398,6 +409,9 @@ def do_train(args, cfg) -> None:
                                     amp_dtype=amp_dtype(cfg), device_type=torch.device(cfg.train.device).type,
                                     clip_grad_norm=cfg.train.get("clip_grad_norm", None))
     checkpointer.add_checkpointable("trainer", trainer)
+    periodic = hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None
+    if periodic is not None and resume:  # it counts towards max_to_keep only the files it writes itself
+        periodic.recent_checkpoints = periodic_checkpoints(cfg.train.output_dir, resume.iteration)
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
@@ -408,7 +422,7 @@ def do_train(args, cfg) -> None:
             hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                                  period=cfg.train.log_period) if main else None,
             # Last: a checkpoint is written once its step's evaluation and metrics are written.
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if main else None,
+            periodic,
         ]
     )
     if resume:

@@ -79,12 +79,15 @@ def test_train_writes_checkpoints_and_metrics(toy, trained):
 
 def test_resume_continues_at_next_iteration(toy, trained):
     output_dir, overrides = toy
-    result = launch("--num-gpus", "1", "--resume", *overrides, "train.max_iter=6")
+    result = launch("--num-gpus", "1", "--resume", *overrides, "train.max_iter=6", "train.checkpointer.max_to_keep=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "model_final.pth" in result.stdout + result.stderr  # resumed from it
     assert ("--resume with a changed setting, which takes effect from here on: train.max_iter: 4 -> 6"
             in result.stdout + result.stderr)
     assert iterations(output_dir) == [0, 1, 2, 3, 4, 5]
+    # The checkpoints of the first part count towards max_to_keep: the oldest one went.
+    assert sorted(p.name for p in output_dir.glob("model_*.pth")) == [
+        "model_0000003.pth", "model_0000005.pth", "model_final.pth"]
 
 
 @pytest.mark.parametrize("change, message", [
