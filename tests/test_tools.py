@@ -97,6 +97,13 @@ def test_infer_without_ground_truth_numbers_images_in_order(setup, tmp_path):
     images = json.loads((out / "images.json").read_text())["images"]
     assert [i["id"] for i in images] == [1, 2] and [i["file_name"] for i in images] == sorted(os.listdir(image_root))
     assert {r["image_id"] for r in json.loads((out / "results.json").read_text())} <= {1, 2}
+    assert [i["drawing"] for i in images] == [n.replace(".png", "") + ".png" for n in sorted(os.listdir(image_root))]
+    # A rerun into the same folder with one image leaves its drawing only, and the user's files.
+    (out / "notes.png").write_bytes(b"")
+    first = sorted(os.listdir(image_root))[0]
+    infer.main([os.path.join(image_root, first), "--config-file", config_file, "--checkpoint", checkpoint,
+                "--output", str(out), "--score-threshold", "0"])
+    assert sorted(os.listdir(out)) == sorted(["images.json", "results.json", "notes.png", first])
 
 
 def test_infer_missing_files_are_named(setup, tmp_path):

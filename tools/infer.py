@@ -8,7 +8,8 @@ IMAGES are files, folders (their images, not recursive) or quoted globs ("data/*
 are resized like the config's test loader (``dataloader.test.mapper.augmentations``; short
 side 800, max 1333 if it has none). Writes DIR/<image name>.png (masks, boxes, classes,
 scores), DIR/results.json (COCO results: image_id, file_name, category_id, bbox XYWH, score,
-segmentation RLE) and DIR/images.json (the images with their ids). With --coco-json the ids
+segmentation RLE) and DIR/images.json (the images with their ids and drawings; a rerun into DIR
+first removes the drawings of the run before). With --coco-json the ids
 and categories are the ground truth's (matched by file name), so
 ``COCO(GT.json).loadRes(DIR/results.json)`` works; otherwise images are numbered 1, 2, ...
 The number of classes follows the checkpoint.
@@ -245,6 +246,7 @@ def run(args: argparse.Namespace) -> str:
     image_format = image_format or cfg.model.get("input_format", "BGR")
     augmentations = test_augmentations(cfg)
     os.makedirs(args.output, exist_ok=True)
+    remove_previous_drawings(args.output)
     results, images, used_names = [], [], set()
     try:
         for path, image_id in zip(tqdm(paths, desc="infer", unit="img"), image_ids):
@@ -262,11 +264,11 @@ def run(args: argparse.Namespace) -> str:
             for result in image_results:
                 result.update(category_id=category_ids[result["category_id"]], file_name=os.path.basename(path))
             results += image_results
-            images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
-                           "width": rgb.shape[1], "path": path})
             stem = os.path.splitext(os.path.basename(path))[0]
-            name = stem if stem not in used_names else f"{stem}_{len(images)}"
+            name = stem if stem not in used_names else f"{stem}_{len(images) + 1}"
             used_names.add(name)
+            images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
+                           "width": rgb.shape[1], "path": path, "drawing": f"{name}.png"})
             Image.fromarray(drawing).save(os.path.join(args.output, f"{name}.png"))
             del rgb, drawing
     finally:  # the results of every image that worked, also when a later one stops the run
@@ -277,6 +279,21 @@ def run(args: argparse.Namespace) -> str:
             json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
                                                          for i, n in enumerate(class_names)]}, f)
     return results_file
+
+
+def remove_previous_drawings(output: str) -> None:
+    """Delete the pictures an earlier run drew into ``output`` (those its images.json names), so
+    that the folder shows this run's images only; other files are left alone."""
+    try:
+        with open(os.path.join(output, "images.json")) as f:
+            images = json.load(f)["images"]
+        drawings = [image["drawing"] for image in images if isinstance(image, dict) and "drawing" in image]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not one this tool wrote
+        return
+    for drawing in drawings:
+        path = os.path.join(output, os.path.basename(str(drawing)))
+        if path.endswith(".png") and os.path.isfile(path):
+            os.remove(path)
 
 
 def predict(model, rgb: np.ndarray, augmentations: T.AugmentationList, image_format: str,
