@@ -22,6 +22,7 @@ run into a folder holding a previous one needs ``--overwrite``; one folder holds
 import contextlib
 import logging
 import os
+import sys
 from typing import List, Optional
 
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
@@ -99,9 +100,19 @@ def cli(argv: Optional[List[str]] = None) -> None:
     folder = hold_run_folder(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
                              eval_only=args.eval_only, keep=starts_from) if holds_folder else contextlib.nullcontext()
     with folder:
+        global _launched
+        _launched = True
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
 
 
+_launched = False  # errors before the launch are the user's input: one line, no traceback
+
+
 if __name__ == "__main__":
-    cli()
+    try:
+        cli()
+    except (ValueError, KeyError, OSError) as e:  # bad overrides, configs, files, folders
+        if _launched:
+            raise
+        sys.exit(f"lazyconfig_train_net.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
