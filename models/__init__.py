@@ -3,8 +3,13 @@
 Importing this package first makes detectron2 0.6 work on today's stack (see models/compat).
 """
 import os
+import warnings
 
 from . import compat as _compat
+
+# fvcore scripts its focal losses with torch.jit.script when imported (fvcore.nn.focal_loss), and
+# today's PyTorch answers with a deprecation warning, twice, on every start of every tool.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 # PyTorch's CPU convolutions (oneDNN) compile one primitive per layer, pass and input shape and
 # keep 1,024 of them. Detection inputs vary in shape (image sizes, RoI counts), which overflows

@@ -27,6 +27,14 @@ def test_detectron2_imports_and_reports_version():
         assert "not compiled (pure-Python detectron2)" in info
 
 
+def test_starting_a_tool_prints_no_jit_deprecation_warnings():
+    """fvcore scripts its losses at import; PyTorch's deprecation warning about that is hidden."""
+    done = subprocess.run([sys.executable, "-c", "import models, detectron2.modeling, fvcore.nn"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torch.jit.script" not in done.stderr
+
+
 def test_removed_numpy_aliases_are_served_to_detectron2_only():
     import detectron2.data.build as build
     from detectron2.structures.masks import polygons_to_bitmask
