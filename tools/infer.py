@@ -115,8 +115,9 @@ def checkpoint_classes(state: Dict) -> Optional[List[str]]:
     return None if classes is None else list(ast.literal_eval(classes))
 
 
-def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
-    """Class names and contiguous -> category id of the config's test set, if it can be loaded."""
+def config_classes(cfg, warn: bool = True) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
+    """Class names and contiguous -> category id of the config's test set, if its datasets can be
+    loaded (a warning says why not, or with ``warn=False`` an info line)."""
     try:
         from detectron2.data import MetadataCatalog
 
@@ -129,7 +130,9 @@ def config_classes(cfg) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
         to_contiguous = metadata.get("thing_dataset_id_to_contiguous_id", None)
         return classes, ({v: k for k, v in to_contiguous.items()} if to_contiguous else None)
     except Exception as e:  # no test set in the config, or its files are not here
-        logger.warning("No class names from the config's test set (%s); pass --coco-json for them", e)
+        (logger.warning if warn else logger.info)(
+            "No class names from the config's datasets (%s)%s", e,
+            "; pass --coco-json for them" if warn else "; the checkpoint's are used")
         return None, None
 
 
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace) -> str:
                                  f"has {class_names} (in category id order): its results would name other classes")
     else:
         image_ids = list(range(1, len(paths) + 1))
-        class_names, category_ids = config_classes(cfg)
+        class_names, category_ids = config_classes(cfg, warn=trained is None)
         if trained is not None and trained != class_names:
             logger.info("Class names from the checkpoint: %s", trained)
             class_names, category_ids = trained, None
