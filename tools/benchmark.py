@@ -558,13 +558,15 @@ def write_chart(cells: Sequence[Cell], path: str, title: str) -> None:
     for ax in axes.flat[len(figures):]:
         ax.set_visible(False)
     for ax, (label, attr) in zip(axes.flat, figures):
+        top = 0.0
         for dtype in dict.fromkeys(c.dtype for c in cells):
             points = [(c.sample_ratio, getattr(c, attr) * _SCALE.get(attr, 1.0))
                       for c in cells if c.dtype == dtype and getattr(c, attr) is not None]
             ax.plot(*zip(*points), marker="o", label=dtype)
+            top = max([top] + [y for _, y in points if math.isfinite(y)])
         ax.set_xlabel("sample ratio")
         ax.set_title(label)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, top * 1.15 or 1.0)  # from 0, with room above: a constant series stays off the frame
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle(title, fontsize=9)
