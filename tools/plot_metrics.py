@@ -101,9 +101,9 @@ def plot_metrics(metrics_file: str, out_file: str, smooth_window: int = 20, titl
         loss_axis.plot(iterations, smooth(values, smooth_window), label=key,  # a marker shows a lone record
                        linewidth=2.0 if key == "total_loss" else 1.0, marker="o" if len(iterations) < 3 else None)
     loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel(f"loss (moving average of {smooth_window})" if smooth_window > 1 else "loss")
+    loss_axis.set_ylabel(f"loss (moving average of {smooth_window} records)" if smooth_window > 1 else "loss")
     loss_axis.grid(alpha=0.3)
-    loss_axis.legend(loc="center right", fontsize="small")
+    loss_axis.legend(loc="upper right", fontsize="small")  # losses fall: the upper right is mostly free
     if lr is not None:
         lr_axis = loss_axis.twinx()
         lr_axis.plot(*lr, color="gray", linestyle="--", linewidth=1.0)
