@@ -85,6 +85,7 @@ def resolve_dist_url(args, parser) -> None:
 
 def cli(argv: Optional[List[str]] = None) -> None:
     """Parse the command line, check the config, start the processes (models/engine/launch.py)."""
+    global _launched
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.num_cpu_processes < 0:
@@ -100,7 +101,6 @@ def cli(argv: Optional[List[str]] = None) -> None:
     folder = hold_run_folder(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
                              eval_only=args.eval_only, keep=starts_from) if holds_folder else contextlib.nullcontext()
     with folder:
-        global _launched
         _launched = True
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
