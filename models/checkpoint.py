@@ -7,11 +7,13 @@ with ``mae_checkpoint.path``, then ``SafeDetectionCheckpointer`` with ``train.in
 """
 import argparse
 import contextlib
+import errno
 import hashlib
 import logging
 import math
 import os
 import pickletools
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -168,8 +170,26 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return data
 
 
+# A failed write with less than this much room left on the disk is reported as the disk being full:
+# torch.save's zip writer turns a short write into "unexpected pos ..." rather than ENOSPC.
+_FULL_DISK_BYTES = 64 * 2**20
+
+
+def _ran_out_of_space(error: BaseException, directory: str) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(error, Exception) and shutil.disk_usage(directory).free < _FULL_DISK_BYTES
+    except OSError:
+        return False
+
+
 def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` into a temp file beside ``path``, fsync, then rename it over ``path``."""
+    """Write through ``write`` into a temp file beside ``path``, fsync, then rename it over ``path``.
+
+    On any failure the temp file is removed and ``path`` keeps its previous contents; a disk that
+    filled up on the way is named as such (an ``OSError`` with ``errno.ENOSPC``).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
@@ -179,9 +199,17 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full, written = _ran_out_of_space(e, directory), 0
+        with contextlib.suppress(OSError):
+            written = os.path.getsize(tmp)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if full:
+            kept = "its previous contents are kept" if os.path.exists(path) else "no file was written"
+            raise OSError(errno.ENOSPC, f"no space left on the disk holding {directory} after "
+                          f"{written / 2**20:.0f} MiB of {os.path.basename(path)} were written ({kept}); "
+                          "free some space and run again", path) from e
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(directory, os.O_RDONLY)

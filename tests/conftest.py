@@ -11,6 +11,7 @@ import ast
 import json
 import math
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,29 @@ def read_interop_table(name: str) -> InteropTable:
     # parameters); the MAE tables, which hold parameters only, state no count.
     total = int(header.rsplit(":", 1)[1]) if ":" in header else sum(math.prod(s) for s, _ in entries.values())
     return InteropTable(entries, total)
+
+
+# --- disk: a passed test's tmp_path goes as soon as the test ends ------------------------------
+# The full-size tests write checkpoints of about 1 GB each; kept to the end of the session (pytest's
+# default), the suite's files would need several GB of free disk at once. A failed test's folder
+# stays for inspection; pytest.ini keeps only the latest session's folders.
+
+_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.when == "call":
+        item.stash[_PASSED] = report.passed
+
+
+@pytest.fixture(autouse=True)
+def _remove_tmp_path_of_passed_test(request):
+    yield
+    tmp_path = request.node.funcargs.get("tmp_path")
+    if tmp_path is not None and request.node.stash.get(_PASSED, False):
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
 """Checkpoint reading (weights only), atomic writing, MAE -> backbone mapping, detector checkpoints."""
 import argparse
+import errno
 import logging
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Dict
@@ -13,6 +15,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from models import checkpoint as checkpoint_module
 from models.backbones.benchmarking_vit import BenchmarkingViT
 from models.checkpoint import (
     SafeDetectionCheckpointer,
@@ -193,6 +196,29 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint_file(path)["v"].item() == 1.0
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pth"]
+
+
+def test_a_full_disk_is_named_and_the_old_checkpoint_kept(tmp_path, monkeypatch):
+    """torch.save's zip writer reports a short write as "unexpected pos ..."; with the disk full
+    at that moment, the error says so, and the previous file survives whole."""
+    path = tmp_path / "model_final.pth"
+    save_checkpoint_atomic({"v": torch.tensor([1.0])}, path)
+
+    def save_until_full(obj, f):
+        f.write(b"\0" * 3 * 2**20)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3145856 vs 3145728")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda d: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    with pytest.raises(OSError, match=r"no space left on the disk holding .* after 3 MiB of model_final\.pth were "
+                                      r"written \(its previous contents are kept\); free some space") as raised:
+        save_checkpoint_atomic({"v": torch.tensor([2.0])}, path)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    with pytest.raises(OSError, match=r"after 3 MiB of new\.pth were written \(no file was written\)"):
+        save_checkpoint_atomic({"v": torch.tensor([2.0])}, tmp_path / "new.pth")
+    monkeypatch.undo()
+    assert load_checkpoint_file(path)["v"].item() == 1.0
+    assert sorted(os.listdir(tmp_path)) == ["model_final.pth"]
 
 
 @pytest.mark.parametrize("fill_mode", ["mask_token", "conv_feature"])
