@@ -2,6 +2,7 @@
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,6 +105,30 @@ def test_infer_without_ground_truth_numbers_images_in_order(setup, tmp_path):
     infer.main([os.path.join(image_root, first), "--config-file", config_file, "--checkpoint", checkpoint,
                 "--output", str(out), "--score-threshold", "0"])
     assert sorted(os.listdir(out)) == sorted(["images.json", "results.json", "notes.png", first])
+
+
+def test_infer_into_the_images_own_folder_never_draws_over_an_image(setup, tmp_path):
+    """``infer.py photos --output photos``, twice: the PNG inputs keep their bytes, the drawings are
+    numbered beside them, and the rerun neither reads nor keeps the first run's drawings."""
+    config_file, checkpoint, paths = setup
+    photos = tmp_path / "photos"
+    shutil.copytree(paths["val"][1], photos)
+    originals = {p.name: p.read_bytes() for p in photos.iterdir()}
+    stems = sorted(name[:-len(".png")] for name in originals)
+    for _ in range(2):
+        infer.main([str(photos), "--config-file", config_file, "--checkpoint", checkpoint, "--output", str(photos),
+                    "--score-threshold", "0"])
+        images = json.loads((photos / "images.json").read_text())["images"]
+        assert [i["file_name"] for i in images] == [f"{stem}.png" for stem in stems]
+        assert [i["drawing"] for i in images] == [f"{stem}_2.png" for stem in stems]
+        assert sorted(p.name for p in photos.iterdir()) == sorted(
+            [*originals, *(f"{stem}_2.png" for stem in stems), "images.json", "results.json"])
+        assert {name: (photos / name).read_bytes() for name in originals} == originals
+    # Naming only the drawings of that run is an error, and deletes nothing.
+    message = _exit_message([str(photos / f"{stems[0]}_2.png"), "--config-file", config_file, "--checkpoint",
+                             checkpoint, "--output", str(photos)])
+    assert message == f"infer.py: error: the only images given are the drawings of an earlier run into {photos}"
+    assert (photos / f"{stems[0]}_2.png").is_file()
 
 
 def test_infer_missing_files_are_named(setup, tmp_path):

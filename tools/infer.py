@@ -9,13 +9,15 @@ are resized like the config's test loader (``dataloader.test.mapper.augmentation
 side 800, max 1333 if it has none). Writes DIR/<image name>.png (masks, boxes, classes,
 scores), DIR/results.json (COCO results: image_id, file_name, category_id, bbox XYWH, score,
 segmentation RLE) and DIR/images.json (the images with their ids and drawings; a rerun into DIR
-first removes the drawings of the run before). With --coco-json the ids
+first removes the drawings of the run before). A drawing never replaces an input image: one that
+would (DIR is the images' folder) is numbered, photo_2.png. With --coco-json the ids
 and categories are the ground truth's (matched by file name), so
 ``COCO(GT.json).loadRes(DIR/results.json)`` works; otherwise images are numbered 1, 2, ...
 The number of classes follows the checkpoint.
 """
 import argparse
 import ast
+import contextlib
 import glob
 import json
 import logging
@@ -217,7 +219,11 @@ def run(args: argparse.Namespace) -> str:
                              "before --opts")
     if not args.inputs:
         raise InferenceError("no images given: name image files, folders or globs")
-    paths = check_readable(collect_images(args.inputs), args.skip_unreadable)
+    previous = previous_drawings(args.output)  # an earlier run's pictures: not inputs, replaced by this run's
+    paths = [path for path in collect_images(args.inputs) if os.path.realpath(path) not in previous]
+    if not paths:
+        raise InferenceError(f"the only images given are the drawings of an earlier run into {args.output}")
+    paths = check_readable(paths, args.skip_unreadable)
     try:
         cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
     except (KeyError, ValueError) as e:
@@ -249,7 +255,10 @@ def run(args: argparse.Namespace) -> str:
     image_format = image_format or cfg.model.get("input_format", "BGR")
     augmentations = test_augmentations(cfg)
     os.makedirs(args.output, exist_ok=True)
-    remove_previous_drawings(args.output)
+    for drawing in previous:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(drawing)
+    inputs = {os.path.realpath(path) for path in paths}  # never drawn over
     results, images, used_names = [], [], set()
     try:
         for path, image_id in zip(tqdm(paths, desc="infer", unit="img"), image_ids):
@@ -267,8 +276,7 @@ def run(args: argparse.Namespace) -> str:
             for result in image_results:
                 result.update(category_id=category_ids[result["category_id"]], file_name=os.path.basename(path))
             results += image_results
-            stem = os.path.splitext(os.path.basename(path))[0]
-            name = stem if stem not in used_names else f"{stem}_{len(images) + 1}"
+            name = drawing_name(path, args.output, used_names, inputs)
             used_names.add(name)
             images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
                            "width": rgb.shape[1], "path": path, "drawing": f"{name}.png"})
@@ -284,19 +292,29 @@ def run(args: argparse.Namespace) -> str:
     return results_file
 
 
-def remove_previous_drawings(output: str) -> None:
-    """Delete the pictures an earlier run drew into ``output`` (those its images.json names), so
-    that the folder shows this run's images only; other files are left alone."""
+def drawing_name(path: str, output: str, used: set, inputs: set) -> str:
+    """The drawing's file stem: the image's own, numbered (``photo_2``) where another image of this
+    run took that name or where ``output/<stem>.png`` is one of the input images."""
+    stem = name = os.path.splitext(os.path.basename(path))[0]
+    number = 1
+    while name in used or os.path.realpath(os.path.join(output, f"{name}.png")) in inputs:
+        number += 1
+        name = f"{stem}_{number}"
+    return name
+
+
+def previous_drawings(output: str) -> set:
+    """Real paths of the pictures an earlier run drew into ``output`` (those its images.json names
+    and that still exist). They are left out of the inputs and deleted before drawing, so that the
+    folder shows this run's images only; other files are left alone."""
     try:
         with open(os.path.join(output, "images.json")) as f:
             images = json.load(f)["images"]
         drawings = [image["drawing"] for image in images if isinstance(image, dict) and "drawing" in image]
     except (OSError, ValueError, KeyError, TypeError):  # none, or not one this tool wrote
-        return
-    for drawing in drawings:
-        path = os.path.join(output, os.path.basename(str(drawing)))
-        if path.endswith(".png") and os.path.isfile(path):
-            os.remove(path)
+        return set()
+    paths = (os.path.join(output, os.path.basename(str(drawing))) for drawing in drawings)
+    return {os.path.realpath(path) for path in paths if path.endswith(".png") and os.path.isfile(path)}
 
 
 def predict(model, rgb: np.ndarray, augmentations: T.AugmentationList, image_format: str,
