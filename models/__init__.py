@@ -10,6 +10,9 @@ from . import compat as _compat
 # fvcore scripts its focal losses with torch.jit.script when imported (fvcore.nn.focal_loss), and
 # today's PyTorch answers with a deprecation warning, twice, on every start of every tool.
 warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+# detectron2's anchor generator calls torch.meshgrid without `indexing`, meaning the "ij" it wants;
+# PyTorch warns that the argument will be required, once in every training or inference log.
+warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
 
 # PyTorch's CPU convolutions (oneDNN) compile one primitive per layer, pass and input shape and
 # keep 1,024 of them. Detection inputs vary in shape (image sizes, RoI counts), which overflows

@@ -27,12 +27,24 @@ def test_detectron2_imports_and_reports_version():
         assert "not compiled (pure-Python detectron2)" in info
 
 
-def test_starting_a_tool_prints_no_jit_deprecation_warnings():
-    """fvcore scripts its losses at import; PyTorch's deprecation warning about that is hidden."""
-    done = subprocess.run([sys.executable, "-c", "import models, detectron2.modeling, fvcore.nn"], cwd=REPO,
+def test_starting_a_tool_prints_no_jit_or_meshgrid_warnings():
+    """fvcore scripts its losses at import, and detectron2's anchor generator calls torch.meshgrid
+    without ``indexing``: PyTorch's warnings about both are hidden, other warnings are not."""
+    code = textwrap.dedent("""
+        import warnings
+        import torch
+        import models, detectron2.modeling, fvcore.nn
+        from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+        anchors = DefaultAnchorGenerator(sizes=[[32]], aspect_ratios=[[1.0]], strides=[4])
+        assert anchors([torch.zeros(1, 1, 4, 4)])[0].tensor.shape == (16, 4)
+        torch.meshgrid(torch.arange(2), torch.arange(2), indexing="ij")
+        warnings.warn("a warning of the user's own")
+    """)
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "torch.jit.script" not in done.stderr
+    assert "torch.jit.script" not in done.stderr and "meshgrid" not in done.stderr
+    assert "a warning of the user's own" in done.stderr
 
 
 def test_removed_numpy_aliases_are_served_to_detectron2_only():
