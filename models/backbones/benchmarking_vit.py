@@ -149,7 +149,7 @@ class BenchmarkingViT(Backbone):
                                       flatten=False, output_fmt="NHWC", bias=True)
         table = sincos_table_mocov3(embed_dim, self.grid_size, self.grid_size)
         self.pos_embed = nn.Parameter(table.unsqueeze(0))  # trainable, as in the original
-        drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=norm_layer)

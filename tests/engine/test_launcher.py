@@ -132,6 +132,15 @@ def test_unknown_override_key_is_named(toy):
     assert "Traceback" not in result.stderr
 
 
+def test_a_value_the_model_refuses_is_named_before_launch(toy):
+    result = launch("--num-gpus", "1", *toy[1], "model.backbone.bottom_up.sample_ratio=0")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-2:] == [
+        "lazyconfig_train_net.py: error: config values the launcher cannot use:",
+        "  model: sample_ratio must be a number in (0, 1], got 0"]
+    assert "Traceback" not in result.stderr
+
+
 def test_released_checkpoint_loads_without_missing_or_unexpected_keys(tmp_path, interop, random_weights):
     released = random_weights(interop("mimdet_vit_b_maskfill_grid50.tsv"))
     path = tmp_path / "mimdet_vit_base_released.pth"
