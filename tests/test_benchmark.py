@@ -58,7 +58,11 @@ def test_tool_prints_every_column_for_each_ratio_and_dtype(tmp_path, capsys, kee
                       cell.detector_peak_bytes, cell.detector_infer_ips):
             assert value is not None and value > 0
     assert cells[0].gflops < cells[2].gflops
-    assert sum(line.startswith("target ") for line in lines) == 4
+    targets = [line for line in lines if line.startswith("target ")]
+    assert len(targets) == 4
+    # timed cold (--warmup 0): the time targets are shown, not judged; memory is
+    assert targets[0].endswith("not judged: timed without warm-up (--warmup 0)") or "n/a" in targets[0]
+    assert "not judged" not in targets[3] and targets[3].endswith(" met")
     assert "GFLOPs by part at sample ratio 0.5: stem" in out
     assert "machine load (1-min load average" in out
     assert chart.stat().st_size > 0
@@ -75,6 +79,9 @@ def test_targets_report_met_not_met_and_missing_cells():
     assert lines[3].endswith("0.60x (target <= 0.7) met")
     cells[0].peak_bytes = 80.0
     assert benchmark.target_lines(cells)[3].endswith("0.80x (target <= 0.7) NOT met")
+    cold = benchmark.target_lines(cells, warmed_up=False)
+    assert cold[0].endswith("2.50x (target >= 1.8) not judged: timed without warm-up (--warmup 0)")
+    assert cold[3].endswith("0.80x (target <= 0.7) NOT met")  # memory needs no warm-up
 
 
 def test_live_tensor_peak_counts_storages_once_and_frees_them():
@@ -223,6 +230,7 @@ def test_reference_backbone_has_the_same_layers_and_outputs_and_is_timed_beside_
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     lines = benchmark.reference_comparison(backbone, images, [0.5], ["fp32"], torch.device("cpu"), 1, 0)
     assert len(lines) == 1 and "ours / reference = " in lines[0] and "sample ratio 0.5, fp32" in lines[0]
+    assert lines[0].endswith("x (not judged: timed without warm-up (--warmup 0))")  # timed cold
 
 
 def test_compiled_backbone_is_timed_beside_eager_or_said_unavailable(tiny_backbone, monkeypatch):
@@ -245,6 +253,7 @@ def test_compiled_backbone_is_timed_beside_eager_or_said_unavailable(tiny_backbo
     # Per cell, eager: one warm-up and two timed steps; compiled: the compiling step too.
     assert len(calls) == 2 * ((1 + 2) + (1 + 1 + 2))
     assert "sample ratio 0.25" in lines[0] and "sample ratio 0.5" in lines[1]
+    assert all("x (target <= 1.00); ours under torch.compile" in line for line in lines)
 
     def failing_compile(module):
         def run(x):
