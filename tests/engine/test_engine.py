@@ -85,8 +85,8 @@ def test_gradient_clipping_bounds_the_update_and_logs_the_norm():
         trainer = MixedPrecisionTrainer(model, _data(), torch.optim.SGD(model.parameters(), lr=1.0),
                                         device_type="cpu", clip_grad_norm=clip)
         trainer.train(0, 1)
-        step = torch.cat([(model.linear.weight - before[0]).flatten(), model.linear.bias - before[1]])
-        updates[clip] = float(step.norm())
+        step = torch.cat([(model.linear.weight - before[0]).flatten(), model.linear.bias - before[1]]).detach()
+        updates[clip] = step.norm().item()
         logged = trainer.storage.history("grad_norm").values() if clip else []
         if clip:
             assert len(logged) == 1 and logged[0][0] == pytest.approx(updates[None], rel=1e-5)
