@@ -19,7 +19,7 @@ pre-trains the demo's ViT with MAE on the train images first (configs/mae/mae_pr
 into OUTPUT/pretrain; its loss curve is OUTPUT/mae_loss.png, its reconstructions of val images
 OUTPUT/reconstruction.png), then fine-tunes MIMDet from that checkpoint (OUTPUT/finetune_mae)
 and, for comparison, from random weights with the same recipe and iterations
-(OUTPUT/finetune_scratch; 700 iterations each, half the demo's), and prints both APs with
+(OUTPUT/finetune_scratch; 700 iterations each, under half the demo's), and prints both APs with
 their times (also in OUTPUT/comparison.json).
 The ``key=value`` overrides go to both fine-tuning runs, ``--pretrain-opt key=value`` to the
 pre-training.
@@ -188,8 +188,8 @@ def ap_table(results: Dict[str, Dict[str, float]]) -> str:
 
 
 MAE_STAGES = ("pretrain", "finetune_mae", "finetune_scratch")
-# Both fine-tunings run half the demo's schedule (its lr steps follow): where the start matters
-# most, and the chain stays near 6 minutes. train.max_iter=1400 runs the whole demo schedule.
+# Both fine-tunings run under half the demo's schedule (its lr steps follow): where the start
+# matters most, and the chain stays near 6 minutes. train.max_iter=1600 runs the whole demo schedule.
 MAE_FINETUNE_ITERS = 700
 
 
