@@ -5,9 +5,9 @@ import colorsys
 from typing import Optional, Sequence
 
 import numpy as np
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.visualizer import ColorMode, Visualizer, VisImage
 
-__all__ = ["class_colors", "draw_instances", "upscale_factor"]
+__all__ = ["class_colors", "draw_instances", "spread_labels", "upscale_factor"]
 
 MASK_ALPHA = 0.45
 
@@ -57,4 +57,33 @@ def draw_instances(
         assigned_colors=[tuple(colors[c]) for c in classes] or None,
         alpha=MASK_ALPHA,
     )
+    spread_labels(drawing)
     return drawing.get_image()
+
+
+def spread_labels(output: VisImage, gap: float = 1.0) -> int:
+    """Move the labels of a drawing so that none covers another; return how many moved.
+
+    ``Visualizer`` puts each label at its box's top-left corner (below a small box). Two
+    detections of one object, of two classes, have nearly the same box, and their labels are
+    printed over each other, unreadable. Here each label, in the order drawn (largest instance
+    first), goes down just below every earlier label it would overlap, ``gap`` pixels apart.
+    """
+    renderer = output.canvas.get_renderer()
+    to_data = output.ax.transData.inverted()
+    placed, moved = [], 0
+    for text in output.ax.texts:
+        box = text.get_window_extent(renderer)  # display pixels, y pointing up
+        x0, y0, x1, y1 = box.x0 - gap, box.y0 - gap, box.x1 + gap, box.y1 + gap
+        shift = 0.0
+        for _ in range(len(placed)):
+            hit = next((p for p in placed if x0 < p[2] and p[0] < x1 and y0 - shift < p[3] and p[1] < y1 - shift), None)
+            if hit is None:
+                break
+            shift += (y1 - shift) - hit[1]  # this label's top to the other's bottom
+        if shift:
+            x, y = output.ax.transData.transform(text.get_position())
+            text.set_position(to_data.transform((x, y - shift)))
+            moved += 1
+        placed.append((x0, y0 - shift, x1, y1 - shift))
+    return moved

@@ -353,3 +353,29 @@ def test_infer_refuses_a_coco_json_of_other_classes_than_the_checkpoint(setup, t
     torch.save({**state, "config": {"classes": repr(names)}}, same)
     infer.main(args + ["--checkpoint", str(same)])  # matching classes, and checkpoints without any, run
     assert (tmp_path / "o" / "results.json").exists()
+
+
+def _label_boxes(output):
+    renderer = output.canvas.get_renderer()
+    return {text.get_text(): text.get_window_extent(renderer) for text in output.ax.texts}
+
+
+def test_labels_of_two_detections_of_one_object_do_not_cover_each_other():
+    """Two classes on nearly the same box: detectron2 prints their labels over each other;
+    spread_labels moves the second below the first and leaves a distant label where it was."""
+    from detectron2.utils.visualizer import Visualizer
+
+    from models.visualize import spread_labels
+
+    image = np.full((200, 300, 3), 90, dtype=np.uint8)
+    boxes = np.array([[40, 50, 160, 170], [42, 51, 158, 168], [200, 20, 290, 120]], dtype=np.float64)
+    labels = ["circle 0.94", "rectangle 0.61", "star 0.80"]
+    output = Visualizer(image, scale=2).overlay_instances(boxes=boxes, labels=labels)
+    before = _label_boxes(output)
+    assert before["circle 0.94"].overlaps(before["rectangle 0.61"])  # what detectron2 alone draws
+    assert spread_labels(output) == 1
+    after = _label_boxes(output)
+    first, second = after["circle 0.94"], after["rectangle 0.61"]
+    assert not first.overlaps(second) and second.y1 <= first.y0  # below it (display y points up)
+    assert abs(second.x0 - before["rectangle 0.61"].x0) < 1e-6  # moved down only
+    assert first.bounds == before["circle 0.94"].bounds and after["star 0.80"].bounds == before["star 0.80"].bounds
