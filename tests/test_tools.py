@@ -131,6 +131,48 @@ def test_infer_into_the_images_own_folder_never_draws_over_an_image(setup, tmp_p
     assert (photos / f"{stems[0]}_2.png").is_file()
 
 
+def test_infer_never_overwrites_or_deletes_a_file_it_did_not_write(setup, tmp_path):
+    """A user's photo_2.png beside photo.png, a drawing the user replaced, a results.json of the
+    user's, a rerun that fails at its first image: every such file keeps its bytes."""
+    config_file, checkpoint, paths = setup
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = sorted(p for p in os.listdir(paths["val"][1]))[0]
+    shutil.copy(os.path.join(paths["val"][1], source), photos / "photo.png")
+    (photos / "photo_2.png").write_bytes(b"the user's own picture")
+    args = ["--config-file", config_file, "--checkpoint", checkpoint, "--output", str(photos)]
+
+    def drawings():
+        return [image["drawing"] for image in json.loads((photos / "images.json").read_text())["images"]]
+
+    infer.main([str(photos / "photo.png"), *args])
+    assert drawings() == ["photo_3.png"] and (photos / "photo_2.png").read_bytes() == b"the user's own picture"
+    infer.main([str(photos / "photo.png"), *args])  # a rerun redraws its own picture
+    assert drawings() == ["photo_3.png"]
+    (photos / "photo_3.png").write_bytes(b"the user's picture in place of the drawing")
+    infer.main([str(photos / "photo.png"), *args])
+    assert drawings() == ["photo_4.png"]
+    assert (photos / "photo_3.png").read_bytes() == b"the user's picture in place of the drawing"
+
+    # A rerun that stops at its first image leaves the earlier run's files as they were.
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.full((1, 2000, 3), 128, np.uint8)).save(thin)
+    assert _exit_message([str(thin), *args]).startswith(f"infer.py: error: cannot process image {thin}")
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before
+
+    # A results.json that this tool did not write, and a file given as the output folder.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text("my results")
+    message = _exit_message([str(photos / "photo.png"), *args[:-1], str(mine)])
+    assert message == (f"infer.py: error: --output {mine} holds a results.json that infer.py did not write (no "
+                       "images.json of an earlier run beside it); choose another --output or move the file")
+    assert sorted(os.listdir(mine)) == ["results.json"] and (mine / "results.json").read_text() == "my results"
+    message = _exit_message([str(photos / "photo.png"), *args[:-1], str(mine / "results.json")])
+    assert message == f"infer.py: error: --output {mine / 'results.json'} is a file; it takes a folder"
+
+
 def test_infer_missing_files_are_named(setup, tmp_path):
     config_file, checkpoint, paths = setup
     image_root = paths["val"][1]
@@ -144,6 +186,34 @@ def test_infer_missing_files_are_named(setup, tmp_path):
     assert str(empty) in _exit_message([str(empty), "--config-file", config_file, "--checkpoint", checkpoint])
     pattern = str(tmp_path / "*.jpg")
     assert pattern in _exit_message([pattern, "--config-file", config_file, "--checkpoint", checkpoint])
+
+
+def test_infer_names_bad_model_values_other_architectures_and_bad_files(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    image = os.path.join(paths["val"][1], sorted(os.listdir(paths["val"][1]))[0])
+    tiny_mimdet = os.path.join(REPO, "configs", "test", "tiny_mimdet.py")
+    out = ["--output", str(tmp_path / "o")]
+    message = _exit_message([image, "--config-file", tiny_mimdet, "--checkpoint", checkpoint, *out,
+                             "--opts", "model.backbone.bottom_up.sample_ratio=0"])
+    assert message == (f"infer.py: error: {tiny_mimdet} with --opts model.backbone.bottom_up.sample_ratio=0: "
+                       "model: sample_ratio must be a number in (0, 1], got 0")
+    message = _exit_message([image, "--config-file", config_file, "--checkpoint", checkpoint, *out,
+                             "--opts", "model.roi_heads.foo=1"])
+    assert message.startswith(f"infer.py: error: {config_file} with --opts model.roi_heads.foo=1: model: ")
+    assert "unexpected keyword argument 'foo'" in message
+    message = _exit_message([image, "--config-file", tiny_mimdet, "--checkpoint", checkpoint, *out])
+    assert message.startswith(f"infer.py: error: --checkpoint {checkpoint} does not fit {tiny_mimdet}: checkpoint "
+                              "is for another architecture")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not json")
+    message = _exit_message([image, "--config-file", config_file, "--checkpoint", checkpoint, *out,
+                             "--coco-json", str(notes)])
+    assert message.startswith(f"infer.py: error: --coco-json {notes} is not a COCO annotation file")
+    for size in ("-5", "6000"):
+        message = _exit_message([image, "--config-file", config_file, "--checkpoint", checkpoint, *out,
+                                 "--draw-min-size", size])
+        assert message == f"infer.py: error: --draw-min-size must be in [0, 2048] (pixels), got {size}"
+    assert not (tmp_path / "o").exists()  # nothing written by a run refused
 
 
 def test_infer_unreadable_image_is_named_or_skipped(setup, tmp_path):

@@ -8,9 +8,10 @@ IMAGES are files, folders (their images, not recursive) or quoted globs ("data/*
 are resized like the config's test loader (``dataloader.test.mapper.augmentations``; short
 side 800, max 1333 if it has none). Writes DIR/<image name>.png (masks, boxes, classes,
 scores), DIR/results.json (COCO results: image_id, file_name, category_id, bbox XYWH, score,
-segmentation RLE) and DIR/images.json (the images with their ids and drawings; a rerun into DIR
-first removes the drawings of the run before). A drawing never replaces an input image: one that
-would (DIR is the images' folder) is numbered, photo_2.png. With --coco-json the ids
+segmentation RLE) and DIR/images.json (the images with their ids and drawings). A rerun into DIR
+replaces the earlier run's drawings, those still as it wrote them; a run that stops at its first
+image changes nothing. A drawing never replaces any other file: where DIR/photo.png is taken (an
+input image, a file of the user's) it is numbered, photo_2.png. With --coco-json the ids
 and categories are the ground truth's (matched by file name), so
 ``COCO(GT.json).loadRes(DIR/results.json)`` works; otherwise images are numbered 1, 2, ...
 The number of classes follows the checkpoint.
@@ -19,6 +20,7 @@ import argparse
 import ast
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -42,7 +44,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models.config import load_config  # noqa: E402
-from models.engine.loops import prefer_channels_last  # noqa: E402
+from models.engine.loops import check_model_arguments, prefer_channels_last  # noqa: E402
 from models.visualize import draw_instances  # noqa: E402
 
 from models.checkpoint import SafeDetectionCheckpointer as Checkpointer, load_checkpoint_file  # noqa: E402
@@ -100,13 +102,17 @@ def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[
     """Image ids (by file name), contiguous -> category id and class names from a COCO json."""
     if not os.path.isfile(coco_json):
         raise InferenceError(f"--coco-json {coco_json}: no such file")
-    with open(coco_json) as f:
-        coco = json.load(f)
-    by_name = {os.path.basename(image["file_name"]): image["id"] for image in coco["images"]}
+    try:
+        with open(coco_json) as f:
+            coco = json.load(f)
+        by_name = {os.path.basename(image["file_name"]): image["id"] for image in coco["images"]}
+        categories = sorted(coco["categories"], key=lambda c: c["id"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InferenceError(f"--coco-json {coco_json} is not a COCO annotation file (JSON with 'images' and "
+                             f"'categories'): {type(e).__name__}: {e}") from None
     missing = [p for p in paths if os.path.basename(p) not in by_name]
     if missing:
         raise InferenceError(f"{len(missing)} images are not in {coco_json}, e.g. {missing[0]}")
-    categories = sorted(coco["categories"], key=lambda c: c["id"])
     return ([by_name[os.path.basename(p)] for p in paths], {i: c["id"] for i, c in enumerate(categories)},
             [c["name"] for c in categories])
 
@@ -196,7 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="warn about images that cannot be read or processed, and go on")
     parser.add_argument("--draw-min-size", type=int, default=512,
-                        help="upscale drawings of smaller images until their short side is at least this")
+                        help="upscale drawings of smaller images until their short side is at least this "
+                             f"(0 to {MAX_DRAWING_SIDE})")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     return parser.parse_args(argv)
 
@@ -211,6 +218,10 @@ def run(args: argparse.Namespace) -> str:
     if not 0 <= args.score_threshold <= 1:  # NaN too: no score compares >= NaN
         raise InferenceError(f"--score-threshold must be in [0, 1] (scores are probabilities), "
                              f"got {args.score_threshold}")
+    if not 0 <= args.draw_min_size <= MAX_DRAWING_SIDE:
+        raise InferenceError(f"--draw-min-size must be in [0, {MAX_DRAWING_SIDE}] (pixels), got {args.draw_min_size}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise InferenceError(f"--output {args.output} is a file; it takes a folder")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InferenceError("--device cuda: CUDA is not available here; use --device cpu")
     not_overrides = [opt for opt in args.opts if "=" not in opt]
@@ -219,6 +230,7 @@ def run(args: argparse.Namespace) -> str:
                              "before --opts")
     if not args.inputs:
         raise InferenceError("no images given: name image files, folders or globs")
+    check_output_files(args.output)
     previous = previous_drawings(args.output)  # an earlier run's pictures: not inputs, replaced by this run's
     paths = [path for path in collect_images(args.inputs) if os.path.realpath(path) not in previous]
     if not paths:
@@ -228,6 +240,10 @@ def run(args: argparse.Namespace) -> str:
         cfg = load_config(args.config_file, args.opts)  # the launcher's strict loader
     except (KeyError, ValueError) as e:
         raise InferenceError(f"cannot apply --opts {args.opts}: {e}") from e
+    problems = check_model_arguments(cfg.model)  # what the model's constructors refuse, named here
+    if problems:
+        raise InferenceError(f"{args.config_file}{' with --opts ' + ' '.join(args.opts) if args.opts else ''}: "
+                             + "; ".join(problems))
     try:
         state = load_checkpoint_file(args.checkpoint)
     except ValueError as e:
@@ -244,7 +260,10 @@ def run(args: argparse.Namespace) -> str:
         if trained is not None and trained != class_names:
             logger.info("Class names from the checkpoint: %s", trained)
             class_names, category_ids = trained, None
-    model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio, state)
+    try:
+        model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio, state)
+    except ValueError as e:  # a checkpoint of another architecture or class count
+        raise InferenceError(f"--checkpoint {args.checkpoint} does not fit {args.config_file}: {e}") from e
     del state
     num_classes = model.roi_heads.num_classes if hasattr(model, "roi_heads") else len(class_names or [])
     if class_names is None or len(class_names) != num_classes:
@@ -255,11 +274,8 @@ def run(args: argparse.Namespace) -> str:
     image_format = image_format or cfg.model.get("input_format", "BGR")
     augmentations = test_augmentations(cfg)
     os.makedirs(args.output, exist_ok=True)
-    for drawing in previous:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(drawing)
     inputs = {os.path.realpath(path) for path in paths}  # never drawn over
-    results, images, used_names = [], [], set()
+    results, images, used_names, finished = [], [], set(), False
     try:
         for path, image_id in zip(tqdm(paths, desc="infer", unit="img"), image_ids):
             try:
@@ -276,45 +292,90 @@ def run(args: argparse.Namespace) -> str:
             for result in image_results:
                 result.update(category_id=category_ids[result["category_id"]], file_name=os.path.basename(path))
             results += image_results
-            name = drawing_name(path, args.output, used_names, inputs)
+            name = drawing_name(path, args.output, used_names, inputs, previous)
             used_names.add(name)
+            drawing_file = os.path.join(args.output, f"{name}.png")
+            Image.fromarray(drawing).save(drawing_file)
             images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
-                           "width": rgb.shape[1], "path": path, "drawing": f"{name}.png"})
-            Image.fromarray(drawing).save(os.path.join(args.output, f"{name}.png"))
+                           "width": rgb.shape[1], "path": path, "drawing": f"{name}.png",
+                           "drawing_sha256": file_sha256(drawing_file)})
             del rgb, drawing
+        finished = True
     finally:  # the results of every image that worked, also when a later one stops the run
         results_file = os.path.join(args.output, "results.json")
-        with open(results_file, "w") as f:
-            json.dump(results, f)
-        with open(os.path.join(args.output, "images.json"), "w") as f:
-            json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
-                                                         for i, n in enumerate(class_names)]}, f)
+        if finished or images:  # a run stopped at its first image leaves the earlier run's files as they were
+            write_run_files(args.output, results, images, class_names, category_ids, previous)
     return results_file
 
 
-def drawing_name(path: str, output: str, used: set, inputs: set) -> str:
-    """The drawing's file stem: the image's own, numbered (``photo_2``) where another image of this
-    run took that name or where ``output/<stem>.png`` is one of the input images."""
+def write_run_files(output: str, results: List[dict], images: List[dict], class_names: Sequence[str],
+                    category_ids: Dict[int, int], previous: Dict[str, str]) -> None:
+    """results.json and images.json of this run; the earlier run's pictures it did not redraw are deleted."""
+    drawn = {os.path.realpath(os.path.join(output, image["drawing"])) for image in images}
+    for old in previous.keys() - drawn:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(old)
+    with open(os.path.join(output, "results.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(output, "images.json"), "w") as f:
+        json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
+                                                     for i, n in enumerate(class_names)]}, f)
+
+
+def drawing_name(path: str, output: str, used: set, inputs: set, previous: Dict[str, str]) -> str:
+    """The drawing's file stem: the image's own, numbered (``photo_2``, ``photo_3``) until the name
+    is not taken by another image of this run and ``output/<name>.png`` is either free or a drawing
+    of the earlier run: an input image or any other file already there is never drawn over."""
     stem = name = os.path.splitext(os.path.basename(path))[0]
     number = 1
-    while name in used or os.path.realpath(os.path.join(output, f"{name}.png")) in inputs:
+    while True:
+        target = os.path.realpath(os.path.join(output, f"{name}.png"))
+        free = not os.path.lexists(target) or (target in previous and target not in inputs)
+        if name not in used and free:
+            return name
         number += 1
         name = f"{stem}_{number}"
-    return name
 
 
-def previous_drawings(output: str) -> set:
-    """Real paths of the pictures an earlier run drew into ``output`` (those its images.json names
-    and that still exist). They are left out of the inputs and deleted before drawing, so that the
-    folder shows this run's images only; other files are left alone."""
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _read_images_json(output: str):
+    """The ``images`` list of ``output/images.json``; None where there is none, or not one this tool wrote."""
     try:
         with open(os.path.join(output, "images.json")) as f:
             images = json.load(f)["images"]
-        drawings = [image["drawing"] for image in images if isinstance(image, dict) and "drawing" in image]
-    except (OSError, ValueError, KeyError, TypeError):  # none, or not one this tool wrote
-        return set()
-    paths = (os.path.join(output, os.path.basename(str(drawing))) for drawing in drawings)
-    return {os.path.realpath(path) for path in paths if path.endswith(".png") and os.path.isfile(path)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return images if isinstance(images, list) else None
+
+
+def check_output_files(output: str) -> None:
+    """Refuse to replace a results.json or images.json that no earlier run of this tool wrote."""
+    if _read_images_json(output) is not None:
+        return
+    for name in ("results.json", "images.json"):
+        if os.path.lexists(os.path.join(output, name)):
+            raise InferenceError(f"--output {output} holds a {name} that infer.py did not write (no images.json of "
+                                 "an earlier run beside it); choose another --output or move the file")
+
+
+def previous_drawings(output: str) -> Dict[str, str]:
+    """The pictures an earlier run drew into ``output``: real path -> file name, for those its
+    images.json names that are still the files it wrote (same sha256). They are left out of the
+    inputs, may be drawn over, and those this run does not redraw are deleted at its end, so that
+    the folder shows one run. Files replaced or edited since, and all others, are left alone."""
+    drawings = {}
+    for image in _read_images_json(output) or []:
+        if not isinstance(image, dict) or not isinstance(image.get("drawing"), str):
+            continue
+        path = os.path.join(output, os.path.basename(image["drawing"]))
+        if path.endswith(".png") and os.path.isfile(path) and not os.path.islink(path) and \
+                image.get("drawing_sha256") == file_sha256(path):
+            drawings[os.path.realpath(path)] = os.path.basename(path)
+    return drawings
 
 
 def predict(model, rgb: np.ndarray, augmentations: T.AugmentationList, image_format: str,

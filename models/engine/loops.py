@@ -146,6 +146,11 @@ def check_model_arguments(model_cfg) -> List[str]:
     the conv stem cannot split), found by building the model on PyTorch's meta device: no memory,
     no weights, 0.05 s for ViT-L. Named here, before any process starts, instead of as a traceback
     from inside the run. A model that cannot be built without data is left to the run."""
+    # detectron2's instantiate logs "Error when instantiating ..." before re-raising: the error
+    # named here says more, so that line is held back while the model is built.
+    instantiate_logger = logging.getLogger("detectron2.config.instantiate")
+    level = instantiate_logger.level
+    instantiate_logger.setLevel(logging.CRITICAL)
     try:
         with torch.device("meta"):
             instantiate(model_cfg)
@@ -153,6 +158,8 @@ def check_model_arguments(model_cfg) -> List[str]:
         return [f"model: {e}"]
     except (NotImplementedError, RuntimeError):
         pass
+    finally:
+        instantiate_logger.setLevel(level)
     return []
 
 
