@@ -198,6 +198,14 @@ class _SDPA(torch.nn.Module):
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
     (["--compile"], "--compile goes with --reference"),
     (["--png", "."], "--png: . is a folder; name the picture to write in it"),
+    (["--png", "chart.txt"], "--png: chart.txt: matplotlib cannot write .txt pictures; use one of "),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--threads", "-3"], "--threads must be >= 0, got -3"),
+    (["foo.bar=1"], "unknown config key 'foo.bar'"),
+    (["model.backbone.bottom_up.fill_mode=zeros"], "model: fill_mode must be one of"),
+    (["model.backbone.bottom_up.sample_ratio=0"], "model: sample_ratio must be a number in (0, 1], got 0"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -230,7 +238,7 @@ def test_reference_backbone_has_the_same_layers_and_outputs_and_is_timed_beside_
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     lines = benchmark.reference_comparison(backbone, images, [0.5], ["fp32"], torch.device("cpu"), 1, 0)
     assert len(lines) == 1 and "ours / reference = " in lines[0] and "sample ratio 0.5, fp32" in lines[0]
-    assert lines[0].endswith("x (not judged: timed without warm-up (--warmup 0))")  # timed cold
+    assert lines[0].endswith("x (target <= 1.00) not judged: timed without warm-up (--warmup 0)")  # timed cold
 
 
 def test_compiled_backbone_is_timed_beside_eager_or_said_unavailable(tiny_backbone, monkeypatch):
@@ -253,7 +261,8 @@ def test_compiled_backbone_is_timed_beside_eager_or_said_unavailable(tiny_backbo
     # Per cell, eager: one warm-up and two timed steps; compiled: the compiling step too.
     assert len(calls) == 2 * ((1 + 2) + (1 + 1 + 2))
     assert "sample ratio 0.25" in lines[0] and "sample ratio 0.5" in lines[1]
-    assert all("x (target <= 1.00); ours under torch.compile" in line for line in lines)
+    assert all(("x (target <= 1.00) met; ours under torch.compile" in line or
+                "x (target <= 1.00) NOT met; ours under torch.compile" in line) for line in lines)
 
     def failing_compile(module):
         def run(x):

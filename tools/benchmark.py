@@ -58,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from models.config import load_config  # noqa: E402
+from models.engine.loops import check_model_arguments  # noqa: E402
 from models.engine.trainer import cpu_has_native_bf16, resolve_amp_dtype  # noqa: E402
 
 __all__ = ["Cell", "LiveTensorPeak", "run_benchmark", "format_table", "target_lines", "main"]
@@ -355,9 +356,11 @@ def reference_comparison(backbone: torch.nn.Module, images: torch.Tensor, ratios
     backbone.zero_grad(set_to_none=True)
     for index, (ratio, dtype) in enumerate(cells):
         ours, theirs, *compiled_time = medians[index * len(runners):(index + 1) * len(runners)]
+        verdict = "met" if round(ours / theirs, 2) <= 1.0 else "NOT met"
+        if not warmup:
+            verdict = "not judged: timed without warm-up (--warmup 0)"
         line = (f"backbone fwd+bwd at sample ratio {ratio:g}, {dtype}: ours {ours * 1e3:.0f} ms, plain reference "
-                f"{theirs * 1e3:.0f} ms: ours / reference = {ours / theirs:.2f}x "
-                f"({'target <= 1.00' if warmup else 'not judged: timed without warm-up (--warmup 0)'})")
+                f"{theirs * 1e3:.0f} ms: ours / reference = {ours / theirs:.2f}x (target <= 1.00) {verdict}")
         if compiled_time:
             line += (f"; ours under torch.compile {compiled_time[0] * 1e3:.0f} ms = {compiled_time[0] / ours:.2f}x "
                      f"of eager (compiling took {compile_seconds[ratio, dtype]:.0f} s)")
@@ -637,8 +640,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--png: {e}")
     if args.profile < 0:
         parser.error(f"--profile takes a number of rows >= 1, got {args.profile}")
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.threads < 0:
-        parser.error("--batch-size and --repeats must be >= 1, --warmup and --threads >= 0")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
+                             ("--warmup", args.warmup, 0), ("--threads", args.threads, 0)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here; use --device cpu")
     native_bf16 = args.device == "cuda" or cpu_has_native_bf16()
@@ -652,6 +657,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "bf16 is emulated here and several times slower than fp32")
     if "fp16" in args.dtypes and args.device != "cuda":
         parser.error("--dtypes fp16 needs --device cuda; on CPU use fp32, or bf16 where the CPU computes it natively")
+    try:  # bad files, overrides and model values are named here, before minutes of timing
+        cfg = load_benchmark_config(args.config_file, args.overrides, args.activation_checkpointing)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        parser.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+    problems = check_model_arguments(cfg.model)
+    if problems:
+        parser.error("; ".join(problems))
     return args
 
 

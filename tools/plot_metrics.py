@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["read_metrics", "smooth", "plot_metrics", "picture_path"]
@@ -29,10 +30,14 @@ Series = Dict[str, Tuple[np.ndarray, np.ndarray]]  # name -> (iterations, values
 def picture_path(path: str) -> str:
     """The file a picture given as ``path`` is written to: matplotlib adds ".png" to a name
     without an extension, so the name is completed here and every message shows the real one.
-    A folder is refused."""
+    A folder, and an extension matplotlib cannot write, are refused before any work."""
     if os.path.isdir(path):
         raise ValueError(f"{path} is a folder; name the picture to write in it, e.g. {os.path.join(path, 'chart.png')}")
-    return path if os.path.splitext(path)[1] else path + ".png"
+    extension = os.path.splitext(path)[1]
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if extension and extension[1:].lower() not in formats:
+        raise ValueError(f"{path}: matplotlib cannot write {extension} pictures; use one of {', '.join(formats)}")
+    return path if extension else path + ".png"
 
 
 def read_metrics(path: str) -> List[dict]:
