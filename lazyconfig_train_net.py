@@ -33,8 +33,8 @@ from detectron2.utils.logger import setup_logger
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
 from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
-from models.engine.loops import (build_model, check_classes, check_start_weights, do_test, do_train, prepare, run_seed,
-                                 save_config, wrap_ddp)
+from models.engine.loops import (build_model, check_classes, check_data_files, check_start_weights, do_test, do_train,
+                                 prepare, run_seed, save_config, wrap_ddp)
 from models.engine.run_folder import hold_run_folder
 
 logger = logging.getLogger("detectron2")
@@ -95,6 +95,7 @@ def cli(argv: Optional[List[str]] = None) -> None:
     check_start_weights(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
     if not args.num_cpu_processes and not all(v in os.environ for v in TORCHRUN_VARS):
         check_num_gpus(args.num_gpus)
+    check_data_files(cfg, eval_only=args.eval_only)  # a dataset not downloaded is named before the run folder is made
     # One process per run holds the output folder: the launching one (rank 0 under torchrun).
     holds_folder = args.machine_rank == 0 and os.environ.get("RANK", "0") == "0"
     starts_from = [str(cfg.train.get("init_checkpoint", "") or ""), str(cfg.get("mae_checkpoint", {}).get("path", ""))]

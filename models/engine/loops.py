@@ -256,11 +256,7 @@ def prepare(cfg, eval_only: bool = False) -> None:
             logger.warning("train.amp.dtype=%s on a CPU without native bf16 (oneDNN reports none; x86 needs AVX512 "
                            "or AMX): expect it to run several times slower than fp32 (train.amp.dtype=None picks "
                            "fp32 here)", cfg.train.amp.dtype)
-    register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
-    splits = ["test"] if eval_only else ["train", "test"]
-    splits = [split for split in splits if dataset_names(cfg, split)]
-    for split in splits:
-        check_dataset_files(cfg.dataloader[split].dataset.names)
+    splits = check_data_files(cfg, eval_only)
     validated = {}  # each json once, with the test set's stricter checks where it serves both
     for split in reversed(splits):
         if split == "train" and not is_detector(cfg):
@@ -283,6 +279,18 @@ def prepare(cfg, eval_only: bool = False) -> None:
             roi_heads.num_classes = len(classes)
     if cfg.dataloader.get("evaluator", None) is not None:  # detectron2's EvalHook also evaluates at the end
         check_test_set(cfg, eval_only)
+
+
+def check_data_files(cfg, eval_only: bool = False) -> List[str]:
+    """Register ``datasets.register`` and check that the json and image folder of every dataset
+    the run reads exist (the launcher calls it before starting any process); return the splits
+    that read registered datasets."""
+    register_coco_datasets(cfg.get("datasets", {}).get("register", []) or [])
+    splits = ["test"] if eval_only else ["train", "test"]
+    splits = [split for split in splits if dataset_names(cfg, split)]
+    for split in splits:
+        check_dataset_files(cfg.dataloader[split].dataset.names)
+    return splits
 
 
 def save_config(cfg, path: str) -> None:

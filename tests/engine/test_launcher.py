@@ -132,6 +132,15 @@ def test_unknown_override_key_is_named(toy):
     assert "Traceback" not in result.stderr
 
 
+def test_a_dataset_not_downloaded_is_named_before_the_run_folder_is_made(tmp_path):
+    result = launch("--num-gpus", "1", f"train.output_dir={tmp_path / 'run'}", "train.max_iter=2",
+                    "dataloader.train.dataset.names=coco_2017_train")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "lazyconfig_train_net.py: error: dataset 'coco_2017_train': annotation file ")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_value_the_model_refuses_is_named_before_launch(toy):
     result = launch("--num-gpus", "1", *toy[1], "model.backbone.bottom_up.sample_ratio=0")
     assert result.returncode == 1
