@@ -67,20 +67,30 @@ def spread_labels(output: VisImage, gap: float = 1.0) -> int:
     ``Visualizer`` puts each label at its box's top-left corner (below a small box). Two
     detections of one object, of two classes, have nearly the same box, and their labels are
     printed over each other, unreadable. Here each label, in the order drawn (largest instance
-    first), goes down just below every earlier label it would overlap, ``gap`` pixels apart.
+    first), goes down just below every earlier label it would overlap, ``gap`` pixels apart, or
+    up above them where below would leave the picture.
     """
     renderer = output.canvas.get_renderer()
     to_data = output.ax.transData.inverted()
     placed, moved = [], 0
-    for text in output.ax.texts:
-        box = text.get_window_extent(renderer)  # display pixels, y pointing up
-        x0, y0, x1, y1 = box.x0 - gap, box.y0 - gap, box.x1 + gap, box.y1 + gap
+
+    def settle(x0, y0, x1, y1, down: bool) -> float:
+        """How far (display pixels, down positive) the box must move to overlap no placed label."""
         shift = 0.0
-        for _ in range(len(placed)):
-            hit = next((p for p in placed if x0 < p[2] and p[0] < x1 and y0 - shift < p[3] and p[1] < y1 - shift), None)
+        for _ in range(len(placed) + 1):
+            hit = next((p for p in placed if x0 < p[2] and p[0] < x1 and y0 - shift < p[3] and p[1] < y1 - shift),
+                       None)
             if hit is None:
                 break
-            shift += (y1 - shift) - hit[1]  # this label's top to the other's bottom
+            shift = y1 - hit[1] if down else y0 - hit[3]  # top to its bottom, or bottom to its top
+        return shift
+
+    for text in output.ax.texts:
+        box = text.get_window_extent(renderer)  # display pixels, y pointing up from the picture's bottom
+        x0, y0, x1, y1 = box.x0 - gap, box.y0 - gap, box.x1 + gap, box.y1 + gap
+        shift = settle(x0, y0, x1, y1, down=True)
+        if y0 - shift < 0:  # below the picture: above the labels it meets instead
+            shift = settle(x0, y0, x1, y1, down=False)
         if shift:
             x, y = output.ax.transData.transform(text.get_position())
             text.set_position(to_data.transform((x, y - shift)))

@@ -449,3 +449,18 @@ def test_labels_of_two_detections_of_one_object_do_not_cover_each_other():
     assert not first.overlaps(second) and second.y1 <= first.y0  # below it (display y points up)
     assert abs(second.x0 - before["rectangle 0.61"].x0) < 1e-6  # moved down only
     assert first.bounds == before["circle 0.94"].bounds and after["star 0.80"].bounds == before["star 0.80"].bounds
+
+
+def test_a_label_that_would_leave_the_picture_goes_above_instead():
+    from detectron2.utils.visualizer import Visualizer
+
+    from models.visualize import spread_labels
+
+    image = np.full((200, 300, 3), 90, dtype=np.uint8)
+    # small boxes near the bottom: detectron2 writes their labels below them, at the picture's edge
+    boxes = np.array([[40, 160, 70, 185], [41, 161, 69, 184]], dtype=np.float64)
+    output = Visualizer(image).overlay_instances(boxes=boxes, labels=["triangle 0.52", "rectangle 0.85"])
+    assert spread_labels(output) == 1
+    after = _label_boxes(output)
+    first, second = after["triangle 0.52"], after["rectangle 0.85"]
+    assert not first.overlaps(second) and second.y0 >= first.y1 and second.y0 >= 0  # above it, in the picture
