@@ -249,9 +249,12 @@ def test_overrides_without_a_key_or_with_a_list_for_a_number_are_named(override,
     ("model.backbone.bottom_up=null", r"model.backbone.bottom_up is null"),
     ("mae_checkpoint=null", r"mae_checkpoint is null; to train from random weights set mae_checkpoint.path=scratch"),
     # refused by the model's constructors, found by building it on the meta device
-    ("model.backbone.bottom_up.sample_ratio=1.5", r"model: sample_ratio must be a number in \(0, 1\], got 1.5"),
-    ("model.backbone.bottom_up.eval_sample_ratio=0", r"model: eval_sample_ratio must be a number in \(0, 1\], got 0"),
-    ("model.backbone.bottom_up.fill_mode=zeros", r"model: fill_mode must be one of .*, got 'zeros'"),
+    ("model.backbone.bottom_up.sample_ratio=1.5",
+     r"model.backbone.bottom_up.sample_ratio must be a number in \(0, 1\], got 1.5"),
+    ("model.backbone.bottom_up.eval_sample_ratio=0",
+     r"model.backbone.bottom_up.eval_sample_ratio must be a number in \(0, 1\], got 0"),
+    ("model.backbone.bottom_up.fill_mode=zeros", r"model.backbone.bottom_up.fill_mode must be one of .*, got 'zeros'"),
+    ("model.roi_heads.foo=1", r"model.roi_heads.foo: .*got an unexpected keyword argument 'foo'"),
     ("model.backbone.bottom_up.embed_dim=100", r"model: ConvStem needs embed_dim divisible by 8"),
 ])
 def test_config_values_the_launcher_cannot_use_are_named_before_any_work(override, message):

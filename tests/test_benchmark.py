@@ -204,8 +204,9 @@ class _SDPA(torch.nn.Module):
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--threads", "-3"], "--threads must be >= 0, got -3"),
     (["foo.bar=1"], "unknown config key 'foo.bar'"),
-    (["model.backbone.bottom_up.fill_mode=zeros"], "model: fill_mode must be one of"),
-    (["model.backbone.bottom_up.sample_ratio=0"], "model: sample_ratio must be a number in (0, 1], got 0"),
+    (["model.backbone.bottom_up.fill_mode=zeros"], "model.backbone.bottom_up.fill_mode must be one of"),
+    (["model.backbone.bottom_up.sample_ratio=0"],
+     "model.backbone.bottom_up.sample_ratio must be a number in (0, 1], got 0"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -196,10 +196,11 @@ def test_infer_names_bad_model_values_other_architectures_and_bad_files(setup, t
     message = _exit_message([image, "--config-file", tiny_mimdet, "--checkpoint", checkpoint, *out,
                              "--opts", "model.backbone.bottom_up.sample_ratio=0"])
     assert message == (f"infer.py: error: {tiny_mimdet} with --opts model.backbone.bottom_up.sample_ratio=0: "
-                       "model: sample_ratio must be a number in (0, 1], got 0")
+                       "model.backbone.bottom_up.sample_ratio must be a number in (0, 1], got 0")
     message = _exit_message([image, "--config-file", config_file, "--checkpoint", checkpoint, *out,
                              "--opts", "model.roi_heads.foo=1"])
-    assert message.startswith(f"infer.py: error: {config_file} with --opts model.roi_heads.foo=1: model: ")
+    assert message.startswith(
+        f"infer.py: error: {config_file} with --opts model.roi_heads.foo=1: model.roi_heads.foo: ")
     assert "unexpected keyword argument 'foo'" in message
     message = _exit_message([image, "--config-file", tiny_mimdet, "--checkpoint", checkpoint, *out])
     assert message.startswith(f"infer.py: error: --checkpoint {checkpoint} does not fit {tiny_mimdet}: checkpoint "

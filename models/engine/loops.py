@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import List, Optional
 
 import torch
@@ -155,12 +156,42 @@ def check_model_arguments(model_cfg) -> List[str]:
         with torch.device("meta"):
             instantiate(model_cfg)
     except (ValueError, TypeError) as e:
-        return [f"model: {e}"]
+        return [_name_the_key(model_cfg, str(e))]
     except (NotImplementedError, RuntimeError):
         pass
     finally:
         instantiate_logger.setLevel(level)
     return []
+
+
+def _key_paths(node, prefix: str = ""):
+    """Every key path under a config node ("backbone.bottom_up.sample_ratio", ...)."""
+    if OmegaConf.is_dict(node) or isinstance(node, dict):
+        items = node.items()
+    elif OmegaConf.is_list(node) or isinstance(node, (list, tuple)):
+        items = enumerate(node)
+    else:
+        return
+    for key, value in items:
+        if key != "_target_":
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield path
+            yield from _key_paths(value, path)
+
+
+def _name_the_key(model_cfg, message: str) -> str:
+    """A constructor's message with the config key it is about: "sample_ratio must be ..." ->
+    "model.backbone.bottom_up.sample_ratio must be ...", and "... unexpected keyword argument
+    'foo'" -> "model.roi_heads.foo: ...", where exactly one key of the model has that name."""
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", message)
+    leading = re.match(r"(\w+) ", message)
+    name = unexpected.group(1) if unexpected else leading.group(1) if leading else None
+    paths = [path for path in _key_paths(model_cfg) if path.rsplit(".", 1)[-1] == name] if name else []
+    if len(paths) != 1:
+        return f"model: {message}"
+    if unexpected:
+        return f"model.{paths[0]}: {message}"
+    return f"model.{paths[0]}{message[len(name):]}"
 
 
 def check_start_weights(cfg, config_file: str, resume: bool = False, eval_only: bool = False) -> None:

@@ -146,7 +146,7 @@ def test_a_value_the_model_refuses_is_named_before_launch(toy):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-2:] == [
         "lazyconfig_train_net.py: error: config values the launcher cannot use:",
-        "  model: sample_ratio must be a number in (0, 1], got 0"]
+        "  model.backbone.bottom_up.sample_ratio must be a number in (0, 1], got 0"]
     assert "Traceback" not in result.stderr
 
 
