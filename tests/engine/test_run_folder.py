@@ -65,19 +65,27 @@ def test_overwrite_deletes_the_previous_run_first(tmp_path):
         assert sorted(os.listdir(tmp_path)) == [".lock", "log.txt"]
 
 
-def test_the_launcher_refuses_before_any_work(tmp_path):
+@pytest.fixture
+def toy_data(tmp_path_factory, toy_coco_writer, dataset_overrides):
+    """Overrides that register a small COCO-format set: the launcher checks that a run's data exist
+    before it takes the run folder."""
+    root = tmp_path_factory.mktemp("run_folder_data")
+    return dataset_overrides(f"run_folder_{root.name}", toy_coco_writer(root), root / "images")
+
+
+def test_the_launcher_refuses_before_any_work(tmp_path, toy_data):
     _previous_run(tmp_path)
     with pytest.raises(FileExistsError, match="holds a previous run"):
-        launcher.cli(["--config-file", TINY, f"train.output_dir={tmp_path}"])
+        launcher.cli(["--config-file", TINY, f"train.output_dir={tmp_path}", *toy_data])
     assert (tmp_path / "model_final.pth").read_bytes() == b"weights"
     assert launcher.build_parser().parse_args(["--overwrite"]).overwrite
 
 
-def test_a_second_launch_on_a_folder_in_use_fails_at_once_naming_the_holder(tmp_path):
+def test_a_second_launch_on_a_folder_in_use_fails_at_once_naming_the_holder(tmp_path, toy_data):
     with held_by_another_process(tmp_path, resume=False) as pid:
         start = time.perf_counter()
         with pytest.raises(RunFolderBusy, match=rf"{tmp_path} is in use by another run \(process {pid}\)"):
-            launcher.cli(["--config-file", TINY, "--resume", f"train.output_dir={tmp_path}"])
+            launcher.cli(["--config-file", TINY, "--resume", f"train.output_dir={tmp_path}", *toy_data])
         assert time.perf_counter() - start < 30
     # the operating system released the killed holder's lock: the folder is free again
     with hold_run_folder(str(tmp_path), resume=False, overwrite=False, eval_only=False):
