@@ -173,6 +173,21 @@ def test_infer_never_overwrites_or_deletes_a_file_it_did_not_write(setup, tmp_pa
     assert message == f"infer.py: error: --output {mine / 'results.json'} is a file; it takes a folder"
 
 
+def test_infer_never_writes_through_a_link_in_the_output_folder(setup, tmp_path):
+    config_file, checkpoint, paths = setup
+    source = os.path.join(paths["val"][1], sorted(os.listdir(paths["val"][1]))[0])
+    stem = os.path.splitext(os.path.basename(source))[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "precious.png").write_bytes(b"precious")
+    os.symlink(tmp_path / "nowhere.png", out / f"{stem}.png")  # dangling: a write would create nowhere.png
+    os.symlink(tmp_path / "precious.png", out / f"{stem}_2.png")
+    infer.main([source, "--config-file", config_file, "--checkpoint", checkpoint, "--output", str(out)])
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [image["drawing"] for image in images] == [f"{stem}_3.png"]
+    assert not (tmp_path / "nowhere.png").exists() and (tmp_path / "precious.png").read_bytes() == b"precious"
+
+
 def test_infer_missing_files_are_named(setup, tmp_path):
     config_file, checkpoint, paths = setup
     image_root = paths["val"][1]

@@ -329,8 +329,10 @@ def drawing_name(path: str, output: str, used: set, inputs: set, previous: Dict[
     stem = name = os.path.splitext(os.path.basename(path))[0]
     number = 1
     while True:
-        target = os.path.realpath(os.path.join(output, f"{name}.png"))
-        free = not os.path.lexists(target) or (target in previous and target not in inputs)
+        path = os.path.join(output, f"{name}.png")
+        target = os.path.realpath(path)
+        free = not (os.path.lexists(path) or os.path.lexists(target)) or (
+            target in previous and target not in inputs and not os.path.islink(path))
         if name not in used and free:
             return name
         number += 1
