@@ -35,7 +35,7 @@ from models.config import load_config
 from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
 from models.engine.loops import (build_model, check_classes, check_data_files, check_start_weights, do_test, do_train,
                                  prepare, run_seed, save_config, wrap_ddp)
-from models.engine.run_folder import hold_run_folder
+from models.engine.run_folder import RunFolderBusy, hold_run_folder
 
 logger = logging.getLogger("detectron2")
 
@@ -113,7 +113,7 @@ _launched = False  # errors before the launch are the user's input: one line, no
 if __name__ == "__main__":
     try:
         cli()
-    except (ValueError, KeyError, OSError) as e:  # bad overrides, configs, files, folders
+    except (ValueError, KeyError, OSError, RunFolderBusy) as e:  # bad overrides, configs, files, folders
         if _launched:
             raise
         sys.exit(f"lazyconfig_train_net.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")

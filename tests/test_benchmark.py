@@ -198,6 +198,7 @@ class _SDPA(torch.nn.Module):
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
     (["--compile"], "--compile goes with --reference"),
     (["--png", "."], "--png: . is a folder; name the picture to write in it"),
+    (["--png", "new_folder/"], "--png: new_folder/ is a folder; name the picture to write in it"),
     (["--png", "chart.txt"], "--png: chart.txt: matplotlib cannot write .txt pictures; use one of "),
     (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),

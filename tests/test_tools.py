@@ -166,9 +166,22 @@ def test_infer_never_overwrites_or_deletes_a_file_it_did_not_write(setup, tmp_pa
     mine.mkdir()
     (mine / "results.json").write_text("my results")
     message = _exit_message([str(photos / "photo.png"), *args[:-1], str(mine)])
-    assert message == (f"infer.py: error: --output {mine} holds a results.json that infer.py did not write (no "
-                       "images.json of an earlier run beside it); choose another --output or move the file")
+    foreign = (f"infer.py: error: --output {mine} holds a results.json that is not the one an earlier infer.py run "
+               "wrote there (written by someone else, or changed since); choose another --output or move the file")
+    assert message == foreign
     assert sorted(os.listdir(mine)) == ["results.json"] and (mine / "results.json").read_text() == "my results"
+    shutil.copy(photos / "images.json", mine)  # another run's images.json does not vouch for this results.json
+    assert _exit_message([str(photos / "photo.png"), *args[:-1], str(mine)]) == foreign
+    assert (mine / "results.json").read_text() == "my results"
+    # results.json edited by hand after a run, or replaced by a link: refused, kept
+    (photos / "results.json").write_text("[]")
+    assert _exit_message([str(photos / "photo.png"), *args]) == foreign.replace(str(mine), str(photos))
+    os.remove(photos / "results.json")
+    os.symlink(mine / "results.json", photos / "results.json")
+    assert _exit_message([str(photos / "photo.png"), *args]) == (
+        f"infer.py: error: --output {photos}: its results.json is a link, which infer.py does not write through; "
+        "choose another --output or move the link")
+    assert (mine / "results.json").read_text() == "my results"
     message = _exit_message([str(photos / "photo.png"), *args[:-1], str(mine / "results.json")])
     assert message == f"infer.py: error: --output {mine / 'results.json'} is a file; it takes a folder"
 

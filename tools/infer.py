@@ -222,6 +222,11 @@ def run(args: argparse.Namespace) -> str:
         raise InferenceError(f"--draw-min-size must be in [0, {MAX_DRAWING_SIDE}] (pixels), got {args.draw_min_size}")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise InferenceError(f"--output {args.output} is a file; it takes a folder")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InferenceError(f"--output {args.output}: {parent} is a file, so the folder cannot be made")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InferenceError("--device cuda: CUDA is not available here; use --device cpu")
     not_overrides = [opt for opt in args.opts if "=" not in opt]
@@ -315,11 +320,13 @@ def write_run_files(output: str, results: List[dict], images: List[dict], class_
     for old in previous.keys() - drawn:
         with contextlib.suppress(FileNotFoundError):
             os.remove(old)
-    with open(os.path.join(output, "results.json"), "w") as f:
+    results_file = os.path.join(output, "results.json")
+    with open(results_file, "w") as f:
         json.dump(results, f)
     with open(os.path.join(output, "images.json"), "w") as f:
         json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
-                                                     for i, n in enumerate(class_names)]}, f)
+                                                     for i, n in enumerate(class_names)],
+                   "results_sha256": file_sha256(results_file)}, f)
 
 
 def drawing_name(path: str, output: str, used: set, inputs: set, previous: Dict[str, str]) -> str:
@@ -355,13 +362,27 @@ def _read_images_json(output: str):
 
 
 def check_output_files(output: str) -> None:
-    """Refuse to replace a results.json or images.json that no earlier run of this tool wrote."""
-    if _read_images_json(output) is not None:
-        return
+    """Refuse to replace a results.json or images.json that is a link, or that this tool did not
+    write: an images.json it cannot read as its own, or a results.json whose sha256 is not the one
+    the images.json beside it recorded (edited by hand, copied in, or of another run)."""
     for name in ("results.json", "images.json"):
-        if os.path.lexists(os.path.join(output, name)):
-            raise InferenceError(f"--output {output} holds a {name} that infer.py did not write (no images.json of "
-                                 "an earlier run beside it); choose another --output or move the file")
+        if os.path.islink(os.path.join(output, name)):
+            raise InferenceError(f"--output {output}: its {name} is a link, which infer.py does not write through; "
+                                 "choose another --output or move the link")
+    images_file, results_file = os.path.join(output, "images.json"), os.path.join(output, "results.json")
+    if os.path.lexists(images_file) and _read_images_json(output) is None:
+        raise InferenceError(f"--output {output} holds an images.json that infer.py did not write; choose another "
+                             "--output or move the file")
+    if os.path.lexists(results_file):
+        try:
+            with open(images_file) as f:
+                recorded = json.load(f).get("results_sha256")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded is None or not os.path.isfile(results_file) or file_sha256(results_file) != recorded:
+            raise InferenceError(f"--output {output} holds a results.json that is not the one an earlier infer.py "
+                                 "run wrote there (written by someone else, or changed since); choose another "
+                                 "--output or move the file")
 
 
 def previous_drawings(output: str) -> Dict[str, str]:

@@ -31,7 +31,7 @@ def picture_path(path: str) -> str:
     """The file a picture given as ``path`` is written to: matplotlib adds ".png" to a name
     without an extension, so the name is completed here and every message shows the real one.
     A folder, and an extension matplotlib cannot write, are refused before any work."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{path} is a folder; name the picture to write in it, e.g. {os.path.join(path, 'chart.png')}")
     extension = os.path.splitext(path)[1]
     formats = sorted(FigureCanvasBase.get_supported_filetypes())

@@ -92,6 +92,16 @@ def test_a_second_launch_on_a_folder_in_use_fails_at_once_naming_the_holder(tmp_
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
 
 
+def test_the_command_line_names_a_folder_in_use_in_one_line(tmp_path, toy_data):
+    with held_by_another_process(tmp_path, resume=False) as pid:
+        done = subprocess.run([sys.executable, "lazyconfig_train_net.py", "--config-file", TINY, "--resume",
+                               f"train.output_dir={tmp_path}", *toy_data], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"lazyconfig_train_net.py: error: train.output_dir {tmp_path} is in use by another run (process {pid})")
+
+
 def test_overwrite_never_deletes_the_weights_the_run_starts_from(tmp_path):
     _previous_run(tmp_path)
     with pytest.raises(FileExistsError, match=r"--overwrite would delete .*model_final.pth, which this run starts "
