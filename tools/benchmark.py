@@ -604,7 +604,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch (default: torch's choice, one per core)")
+                        help="CPU threads for torch (0, the default: torch's choice, one per core)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="checkpoint stem, encoder and decoder activations (default: off)")
     parser.add_argument("--skip-detector", action="store_true", help="backbone figures only")
