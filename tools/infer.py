@@ -336,10 +336,10 @@ def drawing_name(path: str, output: str, used: set, inputs: set, previous: Dict[
     stem = name = os.path.splitext(os.path.basename(path))[0]
     number = 1
     while True:
-        path = os.path.join(output, f"{name}.png")
-        target = os.path.realpath(path)
-        free = not (os.path.lexists(path) or os.path.lexists(target)) or (
-            target in previous and target not in inputs and not os.path.islink(path))
+        candidate = os.path.join(output, f"{name}.png")
+        target = os.path.realpath(candidate)
+        free = not (os.path.lexists(candidate) or os.path.lexists(target)) or (
+            target in previous and target not in inputs and not os.path.islink(candidate))
         if name not in used and free:
             return name
         number += 1

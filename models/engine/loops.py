@@ -156,7 +156,10 @@ def check_model_arguments(model_cfg) -> List[str]:
         with torch.device("meta"):
             instantiate(model_cfg)
     except (ValueError, TypeError) as e:
-        return [_name_the_key(model_cfg, str(e))]
+        try:
+            return [_name_the_key(model_cfg, str(e))]
+        except Exception:  # noqa: BLE001  (a config whose values cannot all be read: the message alone)
+            return [f"model: {e}"]
     except (NotImplementedError, RuntimeError):
         pass
     finally:
