@@ -78,6 +78,8 @@ TARGETS = (
     ("sr 0.5 / sr 1.0 fwd+bwd time (fp32)", (0.5, "fp32"), (1.0, "fp32"), "train_s", "<=", 0.55),
     ("sr 0.5 / sr 1.0 peak train memory (fp32)", (0.5, "fp32"), (1.0, "fp32"), "peak_bytes", "<=", 0.7),
 )
+# Said of a time target when no warm-up run came first: the times include one-off kernel set-up.
+NOT_JUDGED = "not judged: timed without warm-up (--warmup 0)"
 # Columns: (title, Cell attribute).
 COLUMNS = (
     ("GFLOPs", "gflops"),
@@ -356,9 +358,7 @@ def reference_comparison(backbone: torch.nn.Module, images: torch.Tensor, ratios
     backbone.zero_grad(set_to_none=True)
     for index, (ratio, dtype) in enumerate(cells):
         ours, theirs, *compiled_time = medians[index * len(runners):(index + 1) * len(runners)]
-        verdict = "met" if round(ours / theirs, 2) <= 1.0 else "NOT met"
-        if not warmup:
-            verdict = "not judged: timed without warm-up (--warmup 0)"
+        verdict = ("met" if round(ours / theirs, 2) <= 1.0 else "NOT met") if warmup else NOT_JUDGED
         line = (f"backbone fwd+bwd at sample ratio {ratio:g}, {dtype}: ours {ours * 1e3:.0f} ms, plain reference "
                 f"{theirs * 1e3:.0f} ms: ours / reference = {ours / theirs:.2f}x (target <= 1.00) {verdict}")
         if compiled_time:
@@ -380,9 +380,10 @@ def resident_bytes(model: torch.nn.Module, optimizer: Optional[torch.optim.Optim
 
 
 def run_benchmark(args: argparse.Namespace) -> List[Cell]:
-    """Measure every (sample ratio, dtype) cell of ``args``; return the cells in order."""
+    """Measure every (sample ratio, dtype) cell of ``args`` (``args.cfg``: the config that
+    ``parse_args`` loaded and checked); return the cells in order."""
     device = torch.device(args.device)
-    cfg = load_benchmark_config(args.config_file, args.overrides, args.activation_checkpointing)
+    cfg = args.cfg
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(device)
     backbone = model.backbone.bottom_up
@@ -534,9 +535,7 @@ def target_lines(cells: Sequence[Cell], warmed_up: bool = True) -> List[str]:
         else:
             value = getattr(first, attr) / getattr(second, attr)
             met = value <= bound
-        verdict = "met" if met else "NOT met"
-        if not warmed_up and attr != "peak_bytes":
-            verdict = "not judged: timed without warm-up (--warmup 0)"
+        verdict = NOT_JUDGED if not warmed_up and attr != "peak_bytes" else "met" if met else "NOT met"
         lines.append(f"target {label}: {value:.2f}x (target {op} {bound}) {verdict}")
     return lines
 
@@ -658,10 +657,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "fp16" in args.dtypes and args.device != "cuda":
         parser.error("--dtypes fp16 needs --device cuda; on CPU use fp32, or bf16 where the CPU computes it natively")
     try:  # bad files, overrides and model values are named here, before minutes of timing
-        cfg = load_benchmark_config(args.config_file, args.overrides, args.activation_checkpointing)
+        args.cfg = load_benchmark_config(args.config_file, args.overrides, args.activation_checkpointing)
     except (KeyError, ValueError, FileNotFoundError) as e:
         parser.error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
-    problems = check_model_arguments(cfg.model)
+    problems = check_model_arguments(args.cfg.model)
     if problems:
         parser.error("; ".join(problems))
     return args
@@ -682,9 +681,8 @@ def main(argv=None) -> List[Cell]:
     load_before = _load_average()
     if args.reference:
         device = torch.device(args.device)
-        cfg = load_benchmark_config(args.config_file, args.overrides, args.activation_checkpointing)
         torch.manual_seed(0)
-        backbone = instantiate(cfg.model).backbone.bottom_up.to(device)
+        backbone = instantiate(args.cfg.model).backbone.bottom_up.to(device)
         images = synthetic_images(args.batch_size, args.height, args.width, device).tensor
         lines = reference_comparison(backbone, images, args.sample_ratios, args.dtypes, device, args.repeats,
                                      args.warmup, compile_backbone=args.compile)

@@ -21,6 +21,7 @@ import ast
 import contextlib
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
@@ -235,8 +236,9 @@ def run(args: argparse.Namespace) -> str:
                              "before --opts")
     if not args.inputs:
         raise InferenceError("no images given: name image files, folders or globs")
-    check_output_files(args.output)
-    previous = previous_drawings(args.output)  # an earlier run's pictures: not inputs, replaced by this run's
+    record = earlier_run_record(args.output)
+    check_output_files(args.output, record)
+    previous = previous_drawings(args.output, record)  # an earlier run's pictures: not inputs, replaced by this run's
     paths = [path for path in collect_images(args.inputs) if os.path.realpath(path) not in previous]
     if not paths:
         raise InferenceError(f"the only images given are the drawings of an earlier run into {args.output}")
@@ -299,11 +301,13 @@ def run(args: argparse.Namespace) -> str:
             results += image_results
             name = drawing_name(path, args.output, used_names, inputs, previous)
             used_names.add(name)
-            drawing_file = os.path.join(args.output, f"{name}.png")
-            Image.fromarray(drawing).save(drawing_file)
+            png = io.BytesIO()
+            Image.fromarray(drawing).save(png, format="PNG")
+            with open(os.path.join(args.output, f"{name}.png"), "wb") as f:
+                f.write(png.getvalue())
             images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
                            "width": rgb.shape[1], "path": path, "drawing": f"{name}.png",
-                           "drawing_sha256": file_sha256(drawing_file)})
+                           "drawing_sha256": hashlib.sha256(png.getvalue()).hexdigest()})
             del rgb, drawing
         finished = True
     finally:  # the results of every image that worked, also when a later one stops the run
@@ -320,13 +324,13 @@ def write_run_files(output: str, results: List[dict], images: List[dict], class_
     for old in previous.keys() - drawn:
         with contextlib.suppress(FileNotFoundError):
             os.remove(old)
-    results_file = os.path.join(output, "results.json")
-    with open(results_file, "w") as f:
-        json.dump(results, f)
+    text = json.dumps(results).encode()
+    with open(os.path.join(output, "results.json"), "wb") as f:
+        f.write(text)
     with open(os.path.join(output, "images.json"), "w") as f:
         json.dump({"images": images, "categories": [{"id": category_ids[i], "name": n}
                                                      for i, n in enumerate(class_names)],
-                   "results_sha256": file_sha256(results_file)}, f)
+                   "results_sha256": hashlib.sha256(text).hexdigest()}, f)
 
 
 def drawing_name(path: str, output: str, used: set, inputs: set, previous: Dict[str, str]) -> str:
@@ -351,47 +355,44 @@ def file_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _read_images_json(output: str):
-    """The ``images`` list of ``output/images.json``; None where there is none, or not one this tool wrote."""
+def earlier_run_record(output: str) -> Optional[dict]:
+    """``output/images.json`` as an earlier run of this tool wrote it (a dict with an ``images``
+    list); None where there is none, or not one this tool wrote."""
     try:
         with open(os.path.join(output, "images.json")) as f:
-            images = json.load(f)["images"]
-    except (OSError, ValueError, KeyError, TypeError):
+            record = json.load(f)
+    except (OSError, ValueError):
         return None
-    return images if isinstance(images, list) else None
+    return record if isinstance(record, dict) and isinstance(record.get("images"), list) else None
 
 
-def check_output_files(output: str) -> None:
+def check_output_files(output: str, record: Optional[dict]) -> None:
     """Refuse to replace a results.json or images.json that is a link, or that this tool did not
-    write: an images.json it cannot read as its own, or a results.json whose sha256 is not the one
-    the images.json beside it recorded (edited by hand, copied in, or of another run)."""
+    write: an images.json that is not an earlier run's ``record``, or a results.json whose sha256
+    is not the one that record holds (edited by hand, copied in, or of another run)."""
     for name in ("results.json", "images.json"):
         if os.path.islink(os.path.join(output, name)):
             raise InferenceError(f"--output {output}: its {name} is a link, which infer.py does not write through; "
                                  "choose another --output or move the link")
-    images_file, results_file = os.path.join(output, "images.json"), os.path.join(output, "results.json")
-    if os.path.lexists(images_file) and _read_images_json(output) is None:
+    if record is None and os.path.lexists(os.path.join(output, "images.json")):
         raise InferenceError(f"--output {output} holds an images.json that infer.py did not write; choose another "
                              "--output or move the file")
+    results_file = os.path.join(output, "results.json")
     if os.path.lexists(results_file):
-        try:
-            with open(images_file) as f:
-                recorded = json.load(f).get("results_sha256")
-        except (OSError, ValueError, AttributeError):
-            recorded = None
+        recorded = (record or {}).get("results_sha256")
         if recorded is None or not os.path.isfile(results_file) or file_sha256(results_file) != recorded:
             raise InferenceError(f"--output {output} holds a results.json that is not the one an earlier infer.py "
                                  "run wrote there (written by someone else, or changed since); choose another "
                                  "--output or move the file")
 
 
-def previous_drawings(output: str) -> Dict[str, str]:
+def previous_drawings(output: str, record: Optional[dict]) -> Dict[str, str]:
     """The pictures an earlier run drew into ``output``: real path -> file name, for those its
-    images.json names that are still the files it wrote (same sha256). They are left out of the
+    ``record`` names that are still the files it wrote (same sha256). They are left out of the
     inputs, may be drawn over, and those this run does not redraw are deleted at its end, so that
     the folder shows one run. Files replaced or edited since, and all others, are left alone."""
     drawings = {}
-    for image in _read_images_json(output) or []:
+    for image in (record or {}).get("images", []):
         if not isinstance(image, dict) or not isinstance(image.get("drawing"), str):
             continue
         path = os.path.join(output, os.path.basename(image["drawing"]))
