@@ -184,6 +184,27 @@ def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked(mon
     assert dtypes(TINY, "train.amp.enabled=True", "train.device=cuda") == (torch.float16, None)
 
 
+def test_oneDNN_capped_at_avx2_picks_fp32_for_the_demo():
+    """Unpatched: with oneDNN, ATen and MKL held to AVX2 (as on a CPU without AVX512), oneDNN reports
+    no native bf16 and the demo config trains in fp32; the same process without the caps follows
+    the CPU (bf16 on AVX512 and AMX CPUs)."""
+    probe = ("import models, torch; from models.config import load_config; from models.engine import loops; "
+             "cfg = load_config('configs/demo/mimdet_shapes.py', ['train.device=cpu']); "
+             "print(torch.ops.mkldnn._is_mkldnn_bf16_supported(), loops.amp_dtype(cfg))")
+    repo = Path(__file__).resolve().parents[2]
+
+    def run(**caps):
+        env = {**os.environ, **caps}
+        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    avx2 = dict(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    assert run(**avx2) == ["False", "None"]
+    native = trainer.cpu_has_native_bf16()
+    assert run() == [str(native), "torch.bfloat16" if native else "None"]
+
+
 @pytest.mark.parametrize("dtype, message", [
     (None, "running in fp32 (train.amp.dtype=bf16 forces bf16)"),
     ("bf16", "train.amp.dtype=bf16 on a CPU without native bf16"),
