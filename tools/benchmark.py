@@ -594,8 +594,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="LazyConfig .py file of a MIMDet detector")
     parser.add_argument("--sample-ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--dtypes", nargs="+", default=None, choices=DTYPES,
-                        help="default: fp32 and bf16; fp32 alone on a CPU without native bf16 (AVX2 only), "
-                             "where bf16 is emulated and several times slower")
+                        help="default: fp32 and bf16; fp32 alone on a CPU without native bf16 (x86 without "
+                             "AVX512-BF16 or AMX), where bf16 is emulated and slower")
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--width", type=int, default=1216)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -649,11 +649,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtypes is None:
         args.dtypes = ["fp32", "bf16"] if native_bf16 else ["fp32"]
         if not native_bf16:
-            logger.warning("oneDNN reports no native bf16 on this CPU (x86 needs AVX512 or AMX): measuring fp32 "
+            logger.warning("no native bf16 on this CPU (x86 needs AVX512-BF16 or AMX): measuring fp32 "
                            "only; --dtypes fp32 bf16 measures the emulated bf16 too")
     elif "bf16" in args.dtypes and not native_bf16:
-        logger.warning("--dtypes bf16 on a CPU without native bf16 (oneDNN reports none; x86 needs AVX512 or AMX): "
-                       "bf16 is emulated here and several times slower than fp32")
+        logger.warning("--dtypes bf16 on a CPU without native bf16 (x86 needs AVX512-BF16 or AMX): "
+                       "bf16 is emulated here and slower than fp32")
     if "fp16" in args.dtypes and args.device != "cuda":
         parser.error("--dtypes fp16 needs --device cuda; on CPU use fp32, or bf16 where the CPU computes it natively")
     try:  # bad files, overrides and model values are named here, before minutes of timing

@@ -11,7 +11,7 @@ train = dict(
     max_iter=67500,
     # Mixed precision of the training step. dtype: "bf16" (CPU and CUDA, no grad scaler) or
     # "fp16" (CUDA only, with grad scaling); None: fp16 on CUDA as the original; on a CPU bf16
-    # where it is native (AVX512 or AMX), fp32 elsewhere, as emulated bf16 is several times slower.
+    # where it is native (AVX512-BF16 or AMX), fp32 elsewhere, where emulated bf16 is slower.
     # eval: autocast in evaluation too; False (the original's): evaluation runs in fp32.
     amp=dict(enabled=True, dtype=None, eval=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=True),

@@ -75,7 +75,8 @@ train.max_iter = 1600
 train.channels_last = True  # conv weights NHWC on CPU: 11% faster steps, 20% faster inference
 train.clip_grad_norm = 1.0  # from random weights: keeps early updates in range
 # bf16 autocast for training where the CPU computes bf16 natively (~1.5x faster than fp32 with
-# AVX512-BF16), fp32 elsewhere (a CPU with AVX2 only runs bf16 ~8x slower than fp32); CUDA fp16.
+# AVX512-BF16), fp32 elsewhere (bf16 runs ~1.5x slower than fp32 with AVX512 alone, ~8x with AVX2
+# only); CUDA fp16.
 # Evaluation in fp32. train.amp.enabled=False trains in fp32 everywhere.
 train.amp.enabled = True
 train.amp.dtype = None

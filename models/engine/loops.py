@@ -283,13 +283,13 @@ def prepare(cfg, eval_only: bool = False) -> None:
     if torch.device(cfg.train.device).type == "cpu" and not amp_support.cpu_has_native_bf16():
         asked = cfg.train.amp.enabled or cfg.train.amp.get("eval", None)
         if asked and cfg.train.amp.dtype is None:
-            logger.warning("train.amp: oneDNN reports no native bf16 on this CPU (x86 needs AVX512 or AMX), where bf16 "
-                           "autocast is several times slower than fp32: running in fp32 (train.amp.dtype=bf16 "
+            logger.warning("train.amp: no native bf16 on this CPU (x86 needs AVX512-BF16 or AMX), where bf16 "
+                           "autocast trains slower than fp32: running in fp32 (train.amp.dtype=bf16 "
                            "forces bf16)")
         elif "bfloat16" in precision:
-            logger.warning("train.amp.dtype=%s on a CPU without native bf16 (oneDNN reports none; x86 needs AVX512 "
-                           "or AMX): expect it to run several times slower than fp32 (train.amp.dtype=None picks "
-                           "fp32 here)", cfg.train.amp.dtype)
+            logger.warning("train.amp.dtype=%s on a CPU without native bf16 (x86 needs AVX512-BF16 "
+                           "or AMX): expect it to run slower than fp32, several times with AVX2 only "
+                           "(train.amp.dtype=None picks fp32 here)", cfg.train.amp.dtype)
     splits = check_data_files(cfg, eval_only)
     validated = {}  # each json once, with the test set's stricter checks where it serves both
     for split in reversed(splits):

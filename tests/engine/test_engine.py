@@ -75,6 +75,27 @@ def test_amp_dtype_resolution_and_errors(monkeypatch):
     assert resolve_amp_dtype(True, None, "cuda") is torch.float16
 
 
+@pytest.mark.parametrize("machine, onednn, avx512_bf16, amx, cap, native", [
+    ("x86_64", True, True, False, "", True),  # AMD Zen 4, Intel Cooper Lake
+    ("x86_64", True, False, True, "", True),  # AMX
+    ("x86_64", True, False, False, "", False),  # AVX512 alone: Intel Skylake to Ice Lake
+    ("x86_64", False, False, False, "", False),  # AVX2 only
+    ("x86_64", True, True, False, "AVX512_CORE_VNNI", False),  # oneDNN held below its bf16 kernels
+    ("x86_64", True, True, True, "avx512_core_amx", True),
+    ("aarch64", True, False, False, "", True),  # Arm: oneDNN's (PyTorch's) test alone
+    ("aarch64", False, False, False, "", False),
+])
+def test_native_bf16_needs_bf16_arithmetic_not_just_avx512(monkeypatch, machine, onednn, avx512_bf16, amx, cap,
+                                                           native):
+    monkeypatch.setattr(trainer.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert trainer.cpu_has_native_bf16() is native
+
+
 def test_gradient_clipping_bounds_the_update_and_logs_the_norm():
     """With lr 1 and SGD the update is the gradient itself: its global norm equals max_norm."""
     updates = {}

@@ -184,25 +184,29 @@ def test_amp_settings_resolve_per_device_and_evaluation_is_fp32_unless_asked(mon
     assert dtypes(TINY, "train.amp.enabled=True", "train.device=cuda") == (torch.float16, None)
 
 
-def test_oneDNN_capped_at_avx2_picks_fp32_for_the_demo():
-    """Unpatched: with oneDNN, ATen and MKL held to AVX2 (as on a CPU without AVX512), oneDNN reports
-    no native bf16 and the demo config trains in fp32; the same process without the caps follows
-    the CPU (bf16 on AVX512 and AMX CPUs)."""
-    probe = ("import models, torch; from models.config import load_config; from models.engine import loops; "
+def test_kernels_capped_below_bf16_make_the_demo_train_in_fp32():
+    """Unpatched, in fresh processes: with oneDNN, ATen and MKL held to AVX2 (the kernels of a CPU
+    without AVX512), or oneDNN alone to AVX512 without BF16 (those of Intel Skylake to Ice Lake),
+    the demo config trains in fp32; without a cap the choice follows this CPU."""
+    probe = ("import models; from models.config import load_config; from models.engine import loops, trainer; "
              "cfg = load_config('configs/demo/mimdet_shapes.py', ['train.device=cpu']); "
-             "print(torch.ops.mkldnn._is_mkldnn_bf16_supported(), loops.amp_dtype(cfg))")
+             "print(trainer.cpu_has_native_bf16(), loops.amp_dtype(cfg))")
     repo = Path(__file__).resolve().parents[2]
 
     def run(**caps):
-        env = {**os.environ, **caps}
-        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, env=env, capture_output=True, text=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, env={**env, **caps}, capture_output=True,
+                             text=True)
         assert out.returncode == 0, out.stderr
         return out.stdout.split()
 
     avx2 = dict(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2")
     assert run(**avx2) == ["False", "None"]
-    native = trainer.cpu_has_native_bf16()
-    assert run() == [str(native), "torch.bfloat16" if native else "None"]
+    assert run(ONEDNN_MAX_CPU_ISA="avx512_core") == ["False", "None"]
+    native = run()
+    assert native in (["True", "torch.bfloat16"], ["False", "None"])
+    if torch.cpu._is_avx512_bf16_supported():  # this CPU's own bf16 kernels, named as the cap
+        assert run(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == ["True", "torch.bfloat16"]
 
 
 @pytest.mark.parametrize("dtype, message", [
