@@ -15,6 +15,7 @@ fvcore's crop take only polygons). :class:`InstanceDatasetMapper` is detectron2'
 cannot handle.
 """
 import collections
+import collections.abc
 import hashlib
 import json
 import logging
@@ -142,16 +143,126 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _positive_whole(value: Any) -> bool:
+    """A positive whole number, such as an image side: ``221`` or ``221.0`` (many exporters
+    write sides as floats, and detectron2 and pycocotools take them), not ``221.5`` or ``True``."""
+    return _number(value) and value > 0 and value == int(value)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for an example in a problem report."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_NOT_POLYGONS = "segmentations that are not a list of polygons (lists of x, y numbers) or an RLE"
+
+
+def _polygons_problem(segmentation: list, for_evaluation: bool) -> Optional[Tuple[str, str]]:
+    """(kind, example) of the first problem of a list of polygons, or None.
+
+    detectron2's loader stops on a polygon that is not a list (``[x1, y1, x2, y2, ...]``
+    written without the outer list) and training stops later on one with a value that is not a
+    number; a polygon of an odd number of values has no last y. A training set may keep polygons
+    of fewer than 3 points (they are dropped with a count before training), an evaluation set may
+    not (pycocotools cannot rasterize them). Builtin ``map``/``sum`` keep this quick on COCO-sized
+    sets; only a polygon that fails them is looked at value by value.
+    """
+    for polygon in segmentation:
+        if type(polygon) is not list:
+            return _NOT_POLYGONS, _short(segmentation)
+    for polygon in segmentation:
+        if not set(map(type, polygon)) <= {int, float} or not math.isfinite(sum(polygon)):
+            bad = [v for v in polygon if not _number(v)]  # none if only the sum overflowed
+            if bad:
+                return "polygons with coordinates that are not finite numbers", _short(bad[0])
+        if len(polygon) % 2:
+            return ("polygons of an odd number of coordinates (each point is an x, y pair)",
+                    f"{len(polygon)} coordinates")
+        if for_evaluation and len(polygon) < 6:
+            return "polygons of fewer than 3 points (pycocotools cannot rasterize them)", ""
+    return None
+
+
+def _compressed_rle_fits(counts: str, height: int, width: int) -> bool:
+    """Whether a compressed RLE string holds runs that fill a ``height`` x ``width`` mask.
+
+    This reads the string as pycocotools' ``rleFrString`` does: each run is a group of
+    characters ``'0'``..``'o'`` (6 bits each: 5 of the value, and 0x20 on all but the group's
+    last), the last character's 0x10 bit is the sign, and each run from the fourth on is stored
+    as its difference from the run two before it. The string fits if it ends a group and its
+    runs are non-negative and add up to ``height * width``. pycocotools checks less: for a
+    string such as ``""`` or ``"0"`` it returns a mask of uninitialised memory, and one that ends
+    inside a group makes it read past the string's end; so a string goes to
+    ``pycocotools.mask.decode`` only after it passes here.
+    """
+    if not counts or not counts.isascii():
+        return False
+    codes = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
+    if codes.min() < 0 or codes.max() > 63 or codes[-1] & 0x20:
+        return False
+    ends = (codes & 0x20) == 0  # the last character of each run
+    starts = np.flatnonzero(np.concatenate([[True], ends[:-1]]))
+    lengths = np.diff(np.append(starts, codes.size))
+    if lengths.max() > 7:  # 7 characters hold 35 bits, more than any mask has pixels
+        return False
+    shifts = 5 * (np.arange(codes.size) - np.repeat(starts, lengths))
+    runs = np.add.reduceat((codes & 0x1F) << shifts, starts)
+    runs -= ((codes[ends] & 0x10) != 0) << (5 * lengths)  # sign-extend the negative ones
+    runs[1::2] = np.cumsum(runs[1::2])  # undo the differences to the run two before
+    runs[2::2] = np.cumsum(runs[2::2])
+    return bool(runs.min() >= 0 and runs.sum() == height * width)
+
+
+def _rle_problem(rle: Mapping, image_size: Optional[Tuple[Any, Any]]) -> Optional[Tuple[str, str]]:
+    """(kind, example) of the first problem of an RLE segmentation, or None.
+
+    ``size`` must be ``[height, width]`` of the annotation's image (``image_size``, when the
+    image has a valid one): pycocotools scores masks of different sizes with an IoU of -1, so a
+    swapped ``[width, height]`` would silently ruin the AP. ``counts`` must decode to a mask of
+    that size: a list of non-negative run lengths adding up to height x width (uncompressed), or
+    a string that :func:`pycocotools.mask.decode` reads as such (compressed).
+    """
+    if "counts" not in rle or "size" not in rle:
+        return "RLE segmentations without counts and size", ""
+    size, counts = rle["size"], rle["counts"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_positive_whole(v) for v in size)):
+        return "RLE segmentations whose size is not [height, width] of 2 positive whole numbers", _short(size)
+    height, width = int(size[0]), int(size[1])
+    if image_size is not None and all(_positive_whole(v) for v in image_size) and \
+            (height, width) != image_size:
+        return ("RLE segmentations whose size is not [height, width] of their image (pycocotools would "
+                "score them IoU -1)", f"size {size!r}, image [{int(image_size[0])}, {int(image_size[1])}]")
+    if type(counts) is list:
+        if set(map(type, counts)) <= {int} and (not counts or min(counts) >= 0) and sum(counts) == height * width:
+            return None
+        return ("uncompressed RLEs whose counts are not non-negative whole numbers adding up to height x width",
+                f"{_short(counts)} for size {size!r}")
+    if isinstance(counts, str):
+        if _compressed_rle_fits(counts, height, width):
+            try:  # a string that fits decodes; pycocotools has the last word all the same
+                mask_util.decode({"size": [height, width], "counts": counts})
+                return None
+            except (ValueError, TypeError):
+                pass
+        return ("compressed RLEs whose counts do not decode to a mask of their size",
+                f"{_short(counts)} for size {size!r}")
+    return ("RLE segmentations whose counts are neither a list of run lengths nor a compressed string",
+            _short(counts))
+
+
 def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) -> str:
     """Check a COCO-format json once, before any work, and list every problem at once.
 
     What would stop a run mid-way or silently corrupt it is an error: the file is not JSON or
     lacks ``images``/``annotations``/``categories``; an image without ``id``, ``file_name`` or a
-    positive ``height``/``width``; duplicate image, annotation or category ids (one image
-    would take another's annotations); an annotation without a known ``image_id``, a 4-number
-    ``bbox`` (that overlaps its image) or a known ``category_id``. A set used for evaluation also
-    needs what pycocotools reads: a non-negative ``area``, ``iscrowd`` and a segmentation (an RLE,
-    or polygons of 3 or more finite points). (Degenerate boxes and
+    positive whole ``height``/``width`` (``221.0`` counts); a category id that is not an integer;
+    duplicate image, annotation or category ids (one image would take another's annotations);
+    an annotation without a known ``image_id``, a 4-number ``bbox`` (that overlaps its image) or
+    a known ``category_id``; a segmentation that is neither a list of polygons (lists of an even
+    number of finite x, y values) nor an RLE of its image's ``[height, width]`` that decodes. A
+    set used for evaluation also needs what pycocotools reads: a non-negative ``area``,
+    ``iscrowd`` and a segmentation, its polygons of 3 or more points. (Degenerate boxes and
     polygons of a training set are dropped with a count later, see
     :func:`drop_degenerate_annotations`.) Raises ValueError naming the dataset and the file,
     each kind of problem with its count and example ids. Returns the file's sha256 (a resumed
@@ -179,7 +290,13 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
             problems.add("categories without id or name", category)
         else:
-            categories[category["id"]] += 1
+            category_id = category["id"]
+            if not isinstance(category_id, int) or isinstance(category_id, bool):
+                # detectron2 sorts the ids to map them to classes: "1" among 2, 3 stops it
+                problems.add("categories whose id is not an integer",
+                             f"{category['name']!r}: {category_id!r}")
+            if isinstance(category_id, collections.abc.Hashable):
+                categories[category_id] += 1
     for category_id, count in categories.items():
         if count > 1:
             problems.add("duplicate category ids", category_id)
@@ -200,8 +317,7 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if lacking:
             problems.add(f"images without {'/'.join(lacking)}", f"image {which}")
         for key in ("height", "width"):
-            if key in image and not (isinstance(image[key], int) and not isinstance(image[key], bool)
-                                     and image[key] > 0):
+            if key in image and not _positive_whole(image[key]):
                 problems.add(f"images whose {key} is not a positive whole number", f"image {which}: {image[key]!r}")
         if "id" in image:
             images[image["id"]] += 1
@@ -231,23 +347,27 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if annotation.get("category_id") not in categories:
             problems.add("annotations without a category_id of the categories",
                          f"{which}: {annotation.get('category_id')!r}")
+        # Masks are checked in training sets too: detectron2's loader and mapper stop on broken
+        # ones, and an RLE of the wrong size trains on the wrong pixels.
+        segmentation = annotation.get("segmentation")
+        problem = None
+        if isinstance(segmentation, dict):
+            problem = _rle_problem(segmentation, sizes.get(annotation.get("image_id")))
+        elif isinstance(segmentation, list) and segmentation:
+            problem = _polygons_problem(segmentation, for_evaluation)
+        elif segmentation:
+            problem = _NOT_POLYGONS, _short(segmentation)
+        elif for_evaluation:  # a training set may have none: detectron2 leaves it out
+            problem = "annotations without a segmentation (mask evaluation reads it)", _short(segmentation)
+        if problem is not None:
+            kind, example = problem
+            problems.add(kind, f"{which}: {example}" if example else which)
         if not for_evaluation:
             continue
         if not _number(annotation.get("area")) or annotation["area"] < 0:
             problems.add("annotations without a non-negative area (COCO evaluation reads it)", which)
         if annotation.get("iscrowd") not in (0, 1, True, False):
             problems.add("annotations without iscrowd 0 or 1 (COCO evaluation reads it)", which)
-        segmentation = annotation.get("segmentation")
-        if isinstance(segmentation, dict):
-            if "counts" not in segmentation or "size" not in segmentation:
-                problems.add("RLE segmentations without counts and size", which)
-        elif not isinstance(segmentation, list) or not segmentation:
-            problems.add("annotations without a segmentation (mask evaluation reads it)", f"{which}: "
-                         f"{segmentation!r}")
-        elif any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in segmentation):
-            problems.add("polygons of fewer than 3 points (pycocotools cannot rasterize them)", which)
-        elif not all(_number(v) for p in segmentation for v in p):
-            problems.add("polygons with coordinates that are not finite numbers", which)
     for annotation_id, count in annotations.items():
         if count > 1:
             problems.add("duplicate annotation ids", f"annotation {annotation_id}")

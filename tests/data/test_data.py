@@ -4,11 +4,13 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 
 import models  # noqa: F401  (before detectron2)
 from detectron2.data.datasets import load_coco_json
 from detectron2.structures import BoxMode
+from pycocotools import mask as mask_util
 
 from models.config import load_config
 from models.data.datasets import (check_dataset_files, check_image_sizes, drop_degenerate_annotations,
@@ -140,7 +142,7 @@ def test_every_problem_of_a_json_is_listed_at_once_with_counts(tmp_path, toy_coc
     lines = str(error.value).splitlines()
     for line in ["2 x annotations without a non-negative area (COCO evaluation reads it) (e.g. annotation 7, "
                  "annotation 12)",
-                 "1 x polygons with coordinates that are not finite numbers (e.g. annotation 10)",
+                 "1 x polygons with coordinates that are not finite numbers (e.g. annotation 10: nan)",
                  "1 x annotations without a segmentation (mask evaluation reads it) (e.g. annotation 11: [])",
                  "1 x annotations without iscrowd 0 or 1 (COCO evaluation reads it) (e.g. annotation 8)",
                  "1 x polygons of fewer than 3 points (pycocotools cannot rasterize them) (e.g. annotation 9)"]:
@@ -168,6 +170,113 @@ def test_a_json_that_is_not_json_is_named(tmp_path):
     bad.write_text('{"images": []}')
     with pytest.raises(ValueError, match=r"no list of annotations, categories"):
         validate_coco_json("x", str(bad))
+
+
+def _small_coco(tmp_path, annotations, images=None, categories=None):
+    """A json of two images (1: 20 high, 30 wide; 2: 10 x 10) and the given annotations, each
+    a box in its image with whatever is given on top (a segmentation, say)."""
+    images = images or [dict(id=1, file_name="a.png", height=20, width=30),
+                        dict(id=2, file_name="b.png", height=10, width=10)]
+    annotations = [dict(dict(id=number, image_id=1, category_id=1, bbox=[2, 2, 5, 5], area=25, iscrowd=0),
+                        **annotation) for number, annotation in enumerate(annotations, 1)]
+    json_file = tmp_path / "small.json"
+    json_file.write_text(json.dumps(dict(images=images, annotations=annotations,
+                                         categories=categories or [dict(id=1, name="thing")])))
+    return str(json_file)
+
+
+def _problems(json_file, for_evaluation):
+    with pytest.raises(ValueError) as error:
+        validate_coco_json("small", json_file, for_evaluation=for_evaluation)
+    return str(error.value).splitlines()[1:]
+
+
+def _rle(mask):
+    rle = mask_util.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return dict(size=rle["size"], counts=rle["counts"].decode("ascii"))
+
+
+def test_rle_masks_of_another_size_than_their_image_or_that_do_not_decode_are_named(tmp_path):
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:7, 2:7] = 1
+    good = [dict(iscrowd=1, segmentation=_rle(mask)),  # compressed
+            dict(segmentation=dict(size=[20, 30], counts=[62, 5, 15, 5, 513])),  # uncompressed, 600 pixels
+            dict(image_id=2, segmentation=dict(size=[10.0, 10.0], counts=[100]))]
+    json_file = _small_coco(tmp_path, good)
+    validate_coco_json("small", json_file)
+    validate_coco_json("small", json_file, for_evaluation=True)
+    swapped = _rle(mask.T)  # [30, 20]: a valid mask, but of a 30 high, 20 wide image
+    broken = good + [
+        dict(iscrowd=1, segmentation=swapped),
+        dict(segmentation=dict(size=[30, 20], counts=[600])),
+        dict(image_id=2, segmentation=dict(size=[10, 10], counts="abc")),
+        dict(image_id=2, segmentation=dict(size=[10, 10], counts="")),  # pycocotools returns garbage for it
+        dict(image_id=2, segmentation=dict(size=[10, 10], counts=_rle(mask)["counts"])),  # 600 pixels, not 100
+        dict(image_id=2, segmentation=dict(size=[10, 10], counts=[5, 90])),
+        dict(image_id=2, segmentation=dict(size=[10, 10], counts=[-5, 105])),
+        dict(image_id=2, segmentation=dict(size=[10, 10], counts=[50, "50"])),
+        dict(image_id=2, segmentation=dict(size=[10], counts=[100])),
+        dict(image_id=2, segmentation=dict(size=[10, 10], counts=None)),
+        dict(image_id=2, segmentation=dict(counts=[100])),
+    ]
+    for for_evaluation in (False, True):
+        problems = _problems(_small_coco(tmp_path, broken), for_evaluation)
+        assert problems == [
+            "  2 x RLE segmentations whose size is not [height, width] of their image (pycocotools would score "
+            "them IoU -1) (e.g. annotation 4: size [30, 20], image [20, 30], annotation 5: size [30, 20], "
+            "image [20, 30])",
+            "  3 x compressed RLEs whose counts do not decode to a mask of their size (e.g. annotation 6: 'abc' "
+            "for size [10, 10], annotation 7: '' for size [10, 10], annotation 8: "
+            f"{_rle(mask)['counts']!r} for size [10, 10])",
+            "  3 x uncompressed RLEs whose counts are not non-negative whole numbers adding up to height x width "
+            "(e.g. annotation 9: [5, 90] for size [10, 10], annotation 10: [-5, 105] for size [10, 10], "
+            "annotation 11: [50, '50'] for size [10, 10])",
+            "  1 x RLE segmentations whose size is not [height, width] of 2 positive whole numbers "
+            "(e.g. annotation 12: [10])",
+            "  1 x RLE segmentations whose counts are neither a list of run lengths nor a compressed string "
+            "(e.g. annotation 13: None)",
+            "  1 x RLE segmentations without counts and size (e.g. annotation 14)",
+        ]
+
+
+def test_malformed_polygons_are_named_in_training_and_evaluation_sets(tmp_path):
+    json_file = _small_coco(tmp_path, [
+        dict(segmentation=[2, 2, 7, 2, 7, 7, 2, 7]),  # one polygon without the list of polygons around it
+        dict(segmentation=[[2, 2, "a", 2, 7, 7]]),
+        dict(segmentation=[[2, 2, 7, 2, 7, 7, 2]]),  # no last y
+        dict(segmentation=[[2, 2, 7, 2, 7, 7, 2, 7], [1, 1, 2, 2]]),  # a training set drops the 2-point one
+        dict(segmentation="2 2 7 2 7 7"),
+    ])
+    for for_evaluation in (False, True):
+        problems = _problems(json_file, for_evaluation)
+        assert problems == [
+            "  2 x segmentations that are not a list of polygons (lists of x, y numbers) or an RLE "
+            "(e.g. annotation 1: [2, 2, 7, 2, 7, 7, 2, 7], annotation 5: '2 2 7 2 7 7')",
+            "  1 x polygons with coordinates that are not finite numbers (e.g. annotation 2: 'a')",
+            "  1 x polygons of an odd number of coordinates (each point is an x, y pair) "
+            "(e.g. annotation 3: 7 coordinates)",
+        ] + (["  1 x polygons of fewer than 3 points (pycocotools cannot rasterize them) (e.g. annotation 4)"]
+             if for_evaluation else [])
+
+
+def test_category_ids_that_are_not_integers_are_named(tmp_path):
+    categories = [dict(id="1", name="thing"), dict(id=2, name="other"), dict(id=3.5, name="half")]
+    json_file = _small_coco(tmp_path, [dict(category_id="1"), dict(category_id=2)], categories=categories)
+    # detectron2's loader stops on these with "TypeError: '<' not supported"
+    assert _problems(json_file, False) == [
+        "  2 x categories whose id is not an integer (e.g. 'thing': '1', 'half': 3.5)"]
+
+
+def test_image_sides_may_be_whole_number_floats_but_nothing_else(tmp_path):
+    images = [dict(id=1, file_name="a.png", height=20.0, width=30.0)]
+    mask = np.zeros((20, 30), np.uint8)
+    mask[2:7, 2:7] = 1
+    validate_coco_json("small", _small_coco(tmp_path, [dict(segmentation=_rle(mask))], images=images),
+                       for_evaluation=True)
+    images = [dict(id=number, file_name=f"{number}.png", height=height, width=30)
+              for number, height in enumerate([20.5, 0, -20, True, "20", None], 1)]
+    assert _problems(_small_coco(tmp_path, [], images=images), False) == [
+        "  6 x images whose height is not a positive whole number (e.g. image 1: 20.5, image 2: 0, image 3: -20)"]
 
 
 def test_the_launcher_validates_before_training(tmp_path, toy_coco_writer, dataset_overrides):
