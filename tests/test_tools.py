@@ -89,6 +89,46 @@ def test_infer_draws_every_image_and_writes_loadable_results(setup, tmp_path):
     assert [c["name"] for c in listed["categories"]] == list(SHAPE_CLASSES)
 
 
+
+def test_infer_matches_ground_truth_images_of_one_name_by_their_folders(setup, tmp_path):
+    """Ground truth a/x.png (id 100) and b/x.png (id 101): each input is credited to the image of
+    its own folder, and results and images.json name the ground truth's file_name."""
+    config_file, checkpoint, paths = setup
+    gt_json, image_root = paths["val"]
+    sources = [os.path.join(image_root, name) for name in sorted(os.listdir(image_root))]
+    data = tmp_path / "data"
+    for folder, source in zip("ab", sources):
+        (data / folder).mkdir(parents=True)
+        shutil.copy(source, data / folder / "x.png")
+    with open(gt_json) as f:
+        categories = json.load(f)["categories"]
+    two = tmp_path / "two.json"
+    two.write_text(json.dumps({"images": [{"id": 100, "file_name": "a/x.png", "height": 1, "width": 1},
+                                          {"id": 101, "file_name": "b/x.png", "height": 1, "width": 1}],
+                               "annotations": [], "categories": categories}))
+    inputs = [str(data / "a" / "x.png"), str(data / "b" / "x.png")]
+    assert infer.ground_truth_ids(inputs[::-1], str(two))[0] == [101, 100]
+    out = tmp_path / "out"
+    infer.main([*inputs, "--config-file", config_file, "--checkpoint", checkpoint, "--output", str(out),
+                "--score-threshold", "0", "--coco-json", str(two)])
+    images = json.loads((out / "images.json").read_text())["images"]
+    assert [(i["id"], i["file_name"]) for i in images] == [(100, "a/x.png"), (101, "b/x.png")]
+    results = json.loads((out / "results.json").read_text())
+    assert results and all(r["file_name"] == {100: "a/x.png", 101: "b/x.png"}[r["image_id"]] for r in results)
+    # An input whose folders fit neither, and two inputs that are one ground-truth image: refused.
+    (data / "c").mkdir()
+    shutil.copy(sources[0], data / "c" / "x.png")
+    with pytest.raises(infer.InferenceError) as error:
+        infer.ground_truth_ids([str(data / "c" / "x.png")], str(two))
+    assert str(error.value) == (f"{data / 'c' / 'x.png'} fits 2 images of {two} equally well (a/x.png, b/x.png); "
+                                "give it by a path whose folders tell them apart")
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"images": [{"id": 7, "file_name": "x.png"}], "categories": categories}))
+    with pytest.raises(infer.InferenceError) as error:
+        infer.ground_truth_ids(inputs, str(one))
+    assert str(error.value) == f"{inputs[0]} and {inputs[1]} are both image 7 (x.png) of {one}; give each image once"
+
+
 def test_infer_without_ground_truth_numbers_images_in_order(setup, tmp_path):
     config_file, checkpoint, paths = setup
     image_root = paths["val"][1]
@@ -300,6 +340,14 @@ def test_plot_metrics_draws_losses_and_aps(tmp_path, with_ap):
 
 def test_plot_metrics_smooth_and_series():
     assert np.allclose(plot_metrics.smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1, 2, 4, 6])
+    # A NaN record is a gap at its own point; every other window averages its other records.
+    values = np.arange(33, dtype=float)
+    values[2] = np.nan
+    smoothed = plot_metrics.smooth(values, 5)
+    assert np.isnan(smoothed).tolist() == [i == 2 for i in range(33)]
+    expected = [np.nanmean(values[max(0, i - 4):i + 1]) for i in range(33)]
+    assert np.allclose(np.delete(smoothed, 2), np.delete(expected, 2))
+    assert np.isnan(plot_metrics.smooth(np.array([1.0, np.inf]), 1)).tolist() == [False, True]
     series = plot_metrics._series([{"iteration": 2, "loss_a": 1.0}, {"iteration": 1, "loss_a": 3.0},
                                    {"iteration": 2, "loss_a": 0.5}], plot_metrics._is_loss)
     assert series["loss_a"][0].tolist() == [1, 2] and series["loss_a"][1].tolist() == [3.0, 0.5]
@@ -319,6 +367,17 @@ def test_plot_metrics_bad_inputs_are_named(tmp_path, capsys):
     assert "--smooth is a number of records to average, at least 1 (no smoothing), got 0" in capsys.readouterr().err
     with pytest.raises(ValueError, match=f"{tmp_path} is a folder; name the picture"):
         plot_metrics.picture_path(str(tmp_path))
+    checkpoint = tmp_path / "model.pth"
+    checkpoint.write_bytes(b"weights")
+    below = str(checkpoint / "plots" / "x.png")
+    (tmp_path / "run").mkdir()
+    _write_metrics(tmp_path / "run" / "metrics.json")
+    with pytest.raises(SystemExit) as exit_info:  # not os.makedirs' traceback after the drawing
+        plot_metrics.main([str(tmp_path / "run"), "--out", below])
+    assert exit_info.value.code == (f"plot_metrics.py: error: {below}: {checkpoint} is a file, not a folder, so no "
+                                    "picture can be written below it")
+    with pytest.raises(ValueError, match=f"{checkpoint} is a file, not a folder"):
+        plot_metrics.picture_path(str(checkpoint / "x.png"))
 
 
 def test_plot_metrics_takes_a_run_folder_and_names_the_file_it_wrote(tmp_path, capsys):

@@ -12,7 +12,8 @@ segmentation RLE) and DIR/images.json (the images with their ids and drawings). 
 replaces the earlier run's drawings, those still as it wrote them; a run that stops at its first
 image changes nothing. A drawing never replaces any other file: where DIR/photo.png is taken (an
 input image, a file of the user's) it is numbered, photo_2.png. With --coco-json the ids
-and categories are the ground truth's (matched by file name), so
+and categories are the ground truth's (an image is the one whose file_name ends like its path:
+"a/x.jpg" is .../a/x.jpg) and file_name is the ground truth's too, so
 ``COCO(GT.json).loadRes(DIR/results.json)`` works; otherwise images are numbered 1, 2, ...
 The number of classes follows the checkpoint.
 """
@@ -99,14 +100,32 @@ def check_readable(paths: List[str], skip: bool) -> List[str]:
     return readable
 
 
-def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[int, int], List[str]]:
-    """Image ids (by file name), contiguous -> category id and class names from a COCO json."""
+def _common_tail(first: List[str], second: List[str]) -> int:
+    """How many trailing names ``first`` and ``second`` share: 2 for .../a/x.jpg and a/x.jpg."""
+    count = 0
+    while count < min(len(first), len(second)) and first[-1 - count] == second[-1 - count]:
+        count += 1
+    return count
+
+
+def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[int, int], List[str], List[str]]:
+    """Image ids and file_names, contiguous -> category id and class names from a COCO json.
+
+    An input is the json image whose file_name shares the most trailing folder and file names
+    with the input's absolute path: file_name "a/x.jpg" is the input .../a/x.jpg, not .../b/x.jpg.
+    Bare file_names (COCO's "000000000139.jpg") are matched by the base name alone. An input that
+    fits several json images equally well, and two inputs that would be one image, are errors:
+    their results would be credited to the wrong image."""
     if not os.path.isfile(coco_json):
         raise InferenceError(f"--coco-json {coco_json}: no such file")
     try:
         with open(coco_json) as f:
             coco = json.load(f)
-        by_name = {os.path.basename(image["file_name"]): image["id"] for image in coco["images"]}
+        by_name: Dict[str, List[Tuple[List[str], int, str]]] = {}  # base name -> (parts, id, file_name)
+        for image in coco["images"]:
+            parts = [part for part in image["file_name"].split("/") if part not in ("", ".")]  # "./a//x.jpg"
+            if parts:
+                by_name.setdefault(parts[-1], []).append((parts, image["id"], image["file_name"]))
         categories = sorted(coco["categories"], key=lambda c: c["id"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InferenceError(f"--coco-json {coco_json} is not a COCO annotation file (JSON with 'images' and "
@@ -114,8 +133,25 @@ def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[
     missing = [p for p in paths if os.path.basename(p) not in by_name]
     if missing:
         raise InferenceError(f"{len(missing)} images are not in {coco_json}, e.g. {missing[0]}")
-    return ([by_name[os.path.basename(p)] for p in paths], {i: c["id"] for i, c in enumerate(categories)},
-            [c["name"] for c in categories])
+    image_ids, file_names, owners = [], [], {}  # owners: image id -> the input given as that image
+    for path in paths:
+        parts = os.path.abspath(path).split(os.sep)  # its folders and name, "." and ".." resolved
+        candidates = by_name[os.path.basename(path)]
+        best = max(_common_tail(parts, c[0]) for c in candidates)
+        fitting = [c for c in candidates if _common_tail(parts, c[0]) == best]
+        if len(fitting) > 1:
+            raise InferenceError(f"{path} fits {len(fitting)} images of {coco_json} equally well "
+                                 f"({', '.join(c[2] for c in fitting)}); give it by a path whose folders tell "
+                                 "them apart")
+        _, image_id, file_name = fitting[0]
+        if image_id in owners:
+            raise InferenceError(f"{owners[image_id]} and {path} are both image {image_id} ({file_name}) of "
+                                 f"{coco_json}; give each image once")
+        owners[image_id] = path
+        image_ids.append(image_id)
+        file_names.append(file_name)
+    return (image_ids, {i: c["id"] for i, c in enumerate(categories)}, [c["name"] for c in categories],
+            file_names)
 
 
 def checkpoint_classes(state: Dict) -> Optional[List[str]]:
@@ -257,12 +293,13 @@ def run(args: argparse.Namespace) -> str:
         raise InferenceError(f"--checkpoint: {e}") from e
     trained = checkpoint_classes(state)
     if args.coco_json:
-        image_ids, category_ids, class_names = ground_truth_ids(paths, args.coco_json)
+        image_ids, category_ids, class_names, file_names = ground_truth_ids(paths, args.coco_json)
         if trained is not None and trained != class_names:
             raise InferenceError(f"the checkpoint was trained on the classes {trained}, --coco-json {args.coco_json} "
                                  f"has {class_names} (in category id order): its results would name other classes")
     else:
         image_ids = list(range(1, len(paths) + 1))
+        file_names = [os.path.basename(path) for path in paths]
         class_names, category_ids = config_classes(cfg, warn=trained is None)
         if trained is not None and trained != class_names:
             logger.info("Class names from the checkpoint: %s", trained)
@@ -284,7 +321,7 @@ def run(args: argparse.Namespace) -> str:
     inputs = {os.path.realpath(path) for path in paths}  # never drawn over
     results, images, used_names, finished = [], [], set(), False
     try:
-        for path, image_id in zip(tqdm(paths, desc="infer", unit="img"), image_ids):
+        for path, image_id, file_name in zip(tqdm(paths, desc="infer", unit="img"), image_ids, file_names):
             try:
                 rgb = read_image(path, format="RGB")
                 instances = predict(model, rgb, augmentations, image_format, args.score_threshold)
@@ -297,7 +334,7 @@ def run(args: argparse.Namespace) -> str:
                 logger.warning("Skipping image %s: %s: %s", path, type(e).__name__, e)
                 continue
             for result in image_results:
-                result.update(category_id=category_ids[result["category_id"]], file_name=os.path.basename(path))
+                result.update(category_id=category_ids[result["category_id"]], file_name=file_name)
             results += image_results
             name = drawing_name(path, args.output, used_names, inputs, previous)
             used_names.add(name)
@@ -305,7 +342,7 @@ def run(args: argparse.Namespace) -> str:
             Image.fromarray(drawing).save(png, format="PNG")
             with open(os.path.join(args.output, f"{name}.png"), "wb") as f:
                 f.write(png.getvalue())
-            images.append({"id": image_id, "file_name": os.path.basename(path), "height": rgb.shape[0],
+            images.append({"id": image_id, "file_name": file_name, "height": rgb.shape[0],
                            "width": rgb.shape[1], "path": path, "drawing": f"{name}.png",
                            "drawing_sha256": hashlib.sha256(png.getvalue()).hexdigest()})
             del rgb, drawing

@@ -30,9 +30,15 @@ Series = Dict[str, Tuple[np.ndarray, np.ndarray]]  # name -> (iterations, values
 def picture_path(path: str) -> str:
     """The file a picture given as ``path`` is written to: matplotlib adds ".png" to a name
     without an extension, so the name is completed here and every message shows the real one.
-    A folder, and an extension matplotlib cannot write, are refused before any work."""
+    A folder, a path below a file (``model.pth/x.png``) and an extension matplotlib cannot write
+    are refused before any work."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{path} is a folder; name the picture to write in it, e.g. {os.path.join(path, 'chart.png')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the folders still to be made end at an existing path
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{path}: {parent} is a file, not a folder, so no picture can be written below it")
     extension = os.path.splitext(path)[1]
     formats = sorted(FigureCanvasBase.get_supported_filetypes())
     if extension and extension[1:].lower() not in formats:
@@ -72,13 +78,20 @@ def _series(records: List[dict], keep) -> Series:
 
 
 def smooth(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average over up to ``window`` points (the first points average fewer)."""
+    """Trailing moving average over up to ``window`` points (the first points average fewer).
+
+    A record that is not a number (a NaN or infinite loss) stays a gap in the curve at its own
+    point, where the reader sees it, and the windows around it average their other records:
+    a running sum with the NaN in it would blank every later point of the curve instead."""
+    finite = np.isfinite(values)
     if window <= 1 or len(values) == 0:
-        return values
-    cumulative = np.cumsum(np.insert(values, 0, 0.0))
-    counts = np.minimum(np.arange(1, len(values) + 1), window)
+        return np.where(finite, values, np.nan)
+    cumulative = np.cumsum(np.insert(np.where(finite, values, 0.0), 0, 0.0))
+    counted = np.cumsum(np.insert(finite, 0, False))  # finite records among the first i
     ends = np.arange(1, len(values) + 1)
-    return (cumulative[ends] - cumulative[ends - counts]) / counts
+    starts = np.maximum(ends - window, 0)
+    counts = np.maximum(counted[ends] - counted[starts], 1)  # 0 only where the point itself is NaN
+    return np.where(finite, (cumulative[ends] - cumulative[starts]) / counts, np.nan)
 
 
 def _is_loss(key: str) -> bool:
