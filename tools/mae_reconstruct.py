@@ -52,12 +52,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                                                          "config's)")
     parser.add_argument("--max-images", type=int, default=8, help="draw at most this many images")
     parser.add_argument("--seed", type=int, default=0, help="seed of the hidden patches")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here; use --device cpu")
+    if args.max_images < 1:
+        parser.error(f"--max-images must be >= 1, got {args.max_images}")
+    if os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a folder; give the picture's file name, e.g. "
+                     f"{os.path.join(args.output, 'reconstruction.png')}")
+    extension = os.path.splitext(args.output)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        parser.error(f"--output {args.output}: {extension or 'no extension'} is not a picture format PIL writes; "
+                     "use e.g. .png or .jpg")
+    return args
 
 
-def collect_images(inputs: Sequence[str], limit: int) -> List[str]:
+def collect_images(inputs: Sequence[str]) -> List[str]:
     paths: List[str] = []
     for item in inputs:
         if os.path.isdir(item):  # its files, unread: those that are not images are skipped when drawn
@@ -66,12 +78,12 @@ def collect_images(inputs: Sequence[str], limit: int) -> List[str]:
             paths.append(item)
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
-    if limit < 1:
-        raise ValueError(f"--max-images must be >= 1, got {limit}")
-    return paths[:limit]
+    return paths
 
 
 def load_model(config_file: str, checkpoint: str, opts: Sequence[str], device: str) -> MAEPretrainer:
+    if os.path.isdir(checkpoint):
+        raise IsADirectoryError(f"--checkpoint {checkpoint} is a folder, not a checkpoint file (.pth)")
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
     model = instantiate(load_config(config_file, opts).model)
@@ -81,6 +93,8 @@ def load_model(config_file: str, checkpoint: str, opts: Sequence[str], device: s
     try:
         SafeDetectionCheckpointer(model, strict=True).load(checkpoint)  # every weight drawn comes from the file
     except ValueError as e:
+        if "differ in shape" not in str(e):  # not an MAE checkpoint of this config, or not a checkpoint
+            raise
         raise ValueError(f"{e}\nWas the checkpoint pre-trained with model overrides? Pass the same ones with "
                          "--opts (the run's config.yaml holds its settings).") from None
     return model.to(device).eval()
@@ -144,10 +158,12 @@ def run(args: argparse.Namespace) -> str:
     check_mask_ratio(mask_ratio, model.patch_embed.num_patches)
     side = model.patch_embed.img_size[0]
     crops = []
-    for path in collect_images(args.images, args.max_images):
+    for path in collect_images(args.images):
+        if len(crops) == args.max_images:
+            break
         try:
             crops.append(square_crop(path, side))
-        except OSError as e:  # not an image, truncated, ...
+        except OSError as e:  # not an image, truncated, ...: the next image takes its place
             logger.warning("skipping %s, which cannot be read as an image: %s", path, e)
     if not crops:
         raise ValueError(f"none of {args.images} could be read as an image")

@@ -170,3 +170,23 @@ def test_the_reconstruction_tool_names_bad_inputs_and_skips_unreadable_images(un
     assert mae_reconstruct.main([str(broken), str(image_folder / "00.png"), "--checkpoint", checkpoint, *base]) == 0
     assert f"skipping {broken}, which cannot be read as an image" in caplog.text
     assert Image.open(tmp_path / "r.png").size == (4 * 224, mae_reconstruct.TITLE_HEIGHT + 224)  # one image drawn
+    # --max-images counts images drawn: the unreadable one gives its place to the next.
+    two = [str(broken), str(image_folder / "00.png"), str(image_folder / "01.png"), "--max-images", "2"]
+    assert mae_reconstruct.main([*two, "--checkpoint", checkpoint, *base]) == 0
+    assert Image.open(tmp_path / "r.png").size == (4 * 224, mae_reconstruct.TITLE_HEIGHT + 2 * 224)
+    assert mae_reconstruct.main([str(image_folder), "--checkpoint", str(tmp_path), *base]) == 2
+    assert f"--checkpoint {tmp_path} is a folder, not a checkpoint file (.pth)" in caplog.text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--output", "{tmp}"], "--output {tmp} is a folder; give the picture's file name, e.g. {tmp}/reconstruction.png"),
+    (["--output", "{tmp}/r.xyz"], "--output {tmp}/r.xyz: .xyz is not a picture format PIL writes"),
+    (["--max-images", "0"], "--max-images must be >= 1, got 0"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+], ids=["folder", "extension", "max_images", "device"])
+def test_the_reconstruction_tool_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, argv, message):
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    with pytest.raises(SystemExit) as stop:
+        mae_reconstruct.parse_args(["image.png", "--config-file", MAE_B, "--checkpoint", "c.pth", *argv])
+    assert stop.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
