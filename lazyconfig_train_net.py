@@ -17,7 +17,8 @@ COCO-format datasets). Without CUDA it runs on the CPU; ``train.amp`` is bf16 au
 ``--resume`` continues from the newest readable checkpoint of ``train.output_dir`` exactly as
 the run would have gone on (models/engine/resume.py); without one it starts a new run. A new
 run into a folder holding a previous one needs ``--overwrite``; one folder holds one live run
-(models/engine/run_folder.py).
+(models/engine/run_folder.py). ``--eval-only`` into a folder holding a training run writes its
+log, config.yaml and predictions to the folder's ``eval/``, leaving the run's own as they are.
 """
 import contextlib
 import logging
@@ -26,7 +27,7 @@ import sys
 from typing import List, Optional
 
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -34,7 +35,7 @@ from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
 from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
 from models.engine.loops import (build_model, check_classes, check_data_files, check_start_weights, do_test, do_train,
-                                 prepare, run_seed, save_config, wrap_ddp)
+                                 evaluation_folder, prepare, save_config, setup_run, wrap_ddp)
 from models.engine.run_folder import RunFolderBusy, hold_run_folder
 
 logger = logging.getLogger("detectron2")
@@ -42,21 +43,24 @@ logger = logging.getLogger("detectron2")
 def main(args) -> Optional[dict]:
     cfg = load_config(args.config_file, args.opts)
     check_start_weights(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
-    default_setup(cfg, args)
+    if args.eval_only:  # an evaluation never replaces a training run's config and results
+        cfg.train.output_dir = evaluation_folder(cfg.train.output_dir)
+    seed = setup_run(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="models", abbrev_name="mimdet")
     if args.num_cpu_processes and cfg.train.device != "cpu":
         logger.info("--num-cpu-processes: running on CPU (train.device=cpu).")
         cfg.train.device = "cpu"
     prepare(cfg, eval_only=args.eval_only)
-    if comm.is_main_process():  # default_setup saved it before prepare fitted it to the machine and data
-        save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
     if not args.eval_only:
-        do_train(args, cfg)
+        do_train(args, cfg, seed)
         return None
+    logger.info("--eval-only: the log, config.yaml and the evaluator's files go to %s", cfg.train.output_dir)
+    if comm.is_main_process():
+        save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
     model = wrap_ddp(cfg, build_model(cfg))
     checkpointer = SafeDetectionCheckpointer(model, strict=True)  # every weight evaluated comes from the file
     check_classes(checkpointer.load(cfg.train.init_checkpoint), cfg)
-    return do_test(cfg, model, run_seed(cfg.train.get("seed", -1)))
+    return do_test(cfg, model, seed)
 
 
 def build_parser():

@@ -3,6 +3,7 @@ run will start from, build the model, train with detectron2's hooks (resuming ex
 evaluate. ``lazyconfig_train_net.py`` parses arguments and calls these.
 """
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -17,7 +18,9 @@ from detectron2.engine import default_writers, hooks
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.collect_env import collect_env_info
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
 from ..checkpoint import SCRATCH, load_mae_weights, write_atomic
@@ -28,6 +31,7 @@ from .trainer import MixedPrecisionTrainer, resolve_amp_dtype
 from ..data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
 from .resume import (MetricHistory, ResumableCheckpointer, check_resumed_config, drop_metrics_after, flatten_config,
                      remove_partial_checkpoints)
+from .run_folder import previous_run_files
 from .sync_norm import sync_batchnorm_for_cpu
 
 
@@ -268,7 +272,7 @@ def amp_dtype(cfg, evaluation: bool = False) -> Optional[torch.dtype]:
 
 
 def prepare(cfg, eval_only: bool = False) -> None:
-    """Fit the config to this machine and to its datasets (call after default_setup).
+    """Fit the config to this machine and to its datasets (call after :func:`setup_run`).
 
     Checks the AMP settings and that the datasets' files exist; the number of classes
     follows the training set (the test set with ``eval_only``).
@@ -435,9 +439,14 @@ def build_train_loader(cfg, seed: int, start_iter: int):
     return instantiate(loader)
 
 
-def do_train(args, cfg) -> None:
+def do_train(args, cfg, seed: int) -> None:
     """Train with the hooks of detectron2's lazyconfig_train_net (timer, lr, eval, writers, checkpoint),
-    resuming exactly where the last readable checkpoint left off with ``--resume``."""
+    resuming exactly where the last readable checkpoint left off with ``--resume``.
+
+    ``seed``: the run's seed (:func:`setup_run`); a resumed run keeps its checkpoint's. Nothing in
+    ``train.output_dir`` changes until the resume point has passed every check; then
+    ``config.yaml`` is written.
+    """
     settings = flatten_config(cfg)  # kept in every checkpoint, compared on --resume
     if is_detector(cfg):
         settings["classes"] = repr(thing_classes(cfg.dataloader.train.dataset.names))
@@ -445,6 +454,7 @@ def do_train(args, cfg) -> None:
         digest = MetadataCatalog.get(name).get("json_sha256", None)  # set by prepare()
         if digest:
             settings[f"data.{name}.json_sha256"] = digest
+    recorded = copy.deepcopy(cfg)  # written as config.yaml once the checks below pass; before the model joins it
     model = build_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
@@ -453,11 +463,16 @@ def do_train(args, cfg) -> None:
     main = comm.is_main_process()
     resume = checkpointer.find_resume_point() if args.resume else None
     if resume:
+        saved_seed = (resume.config or {}).get("train.seed", "-1")
+        if settings.get("train.seed") == "-1" and saved_seed != "-1":  # -1 (the default): the run's own seed
+            settings["train.seed"] = saved_seed
+            recorded.train.seed = int(saved_seed)
         check_resumed_config(resume.config, settings)
         if resume.iteration + 1 > cfg.train.max_iter:
             raise ValueError(f"--resume: {resume.path} holds {resume.iteration + 1} iterations, more than "
                              f"train.max_iter={cfg.train.max_iter}; pass train.max_iter={resume.iteration + 1} "
                              "or more")
+        checkpointer.check_fits_model()
     if args.resume and resume is None:
         logger.info("--resume: no checkpoint in %s, starting a new run", cfg.train.output_dir)
         if main:  # records of an attempt that never reached a checkpoint are redone
@@ -465,9 +480,13 @@ def do_train(args, cfg) -> None:
     if resume and main:  # before the writers open metrics.json
         remove_partial_checkpoints(cfg.train.output_dir)
         drop_metrics_after(cfg.train.output_dir, resume.iteration)
+    if main:  # the config as the run uses it: fitted to the machine and data, checked against the checkpoint
+        save_config(recorded, os.path.join(cfg.train.output_dir, "config.yaml"))
     # The checkpoint holds the iteration that just finished: continue at the next one.
     start_iter = resume.iteration + 1 if resume else 0
-    seed = resume.seed if resume and resume.seed is not None else run_seed(cfg.train.get("seed", -1))
+    if resume and resume.seed is not None and resume.seed != seed:
+        logger.info("--resume: the run's seed is %d, from its checkpoint", resume.seed)
+        seed = resume.seed
     checkpointer.seed = seed
 
     trainer = MixedPrecisionTrainer(model, build_train_loader(cfg, seed, start_iter), optimizer,
@@ -503,6 +522,40 @@ def do_train(args, cfg) -> None:
             record = {"iteration": trainer.iter, "error": str(e).splitlines()[0]}
             write_atomic(os.path.join(cfg.train.output_dir, DIVERGED), lambda f: f.write(json.dumps(record).encode()))
         raise
+
+
+def setup_run(cfg, args) -> int:
+    """detectron2's ``default_setup`` (log files in ``train.output_dir``, environment and arguments
+    logged, random generators seeded per process), without its copy of the config: the launcher
+    writes ``config.yaml`` once the run has passed its checks, so that a refused ``--resume``
+    leaves the run's record as it was. Returns the run's seed (:func:`run_seed`): every process
+    is seeded with seed + rank, a drawn seed as a given one, so ``train.seed=<the logged seed>``
+    repeats a ``train.seed=-1`` run.
+    """
+    output_dir, rank = cfg.train.output_dir, comm.get_rank()
+    if comm.is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+    setup_logger(output_dir, distributed_rank=rank, name="fvcore")
+    setup_logger(output_dir, distributed_rank=rank)
+    logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
+    logger.info("Environment info:\n%s", collect_env_info())
+    logger.info("Command line arguments: %s", args)
+    with open(args.config_file) as f:
+        logger.info("Contents of args.config_file=%s:\n%s", args.config_file, f.read())
+    seed = run_seed(cfg.train.get("seed", -1))
+    seed_all_rng(seed + rank)
+    if not args.eval_only:
+        torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", False))
+    return seed
+
+
+def evaluation_folder(output_dir: str) -> str:
+    """Where ``--eval-only`` writes its log, ``config.yaml`` and the evaluator's files: ``output_dir``,
+    or its ``eval`` subfolder where ``output_dir`` holds a training run, whose config and results
+    an evaluation must not replace."""
+    if not previous_run_files(output_dir):
+        return output_dir
+    return os.path.join(output_dir, "eval")
 
 
 def run_seed(seed: int) -> int:

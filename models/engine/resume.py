@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from detectron2.engine import HookBase
 from omegaconf import DictConfig, ListConfig
 
-from ..checkpoint import SafeDetectionCheckpointer, write_atomic
+from ..checkpoint import SafeDetectionCheckpointer, check_same_architecture, fixed_pos_tables, write_atomic
 
 __all__ = ["ResumePoint", "ResumableCheckpointer", "MetricHistory", "drop_metrics_after",
            "remove_partial_checkpoints", "flatten_config", "check_resumed_config"]
@@ -166,6 +166,19 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
                 "a new run."
             )
         return None
+
+    def check_fits_model(self) -> None:
+        """Refuse the resume point :meth:`find_resume_point` found if its weights are of another
+        architecture than the model, before the run changes anything in its folder (loading it,
+        after the hooks are built, would find that only once ``metrics.json`` was cut back)."""
+        if self._read is None:
+            return
+        path, data = self._read
+        state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in data["model"].items()}
+        try:
+            check_same_architecture(state, self.model.state_dict(), fixed_pos_tables(self.model))
+        except ValueError as e:
+            raise ValueError(f"--resume: {path}: {e}") from None
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if self._read is not None and self._read[0] == filename:  # read once, by find_resume_point

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,30 +91,62 @@ def test_resume_continues_at_next_iteration(toy, trained):
         "model_0000003.pth", "model_0000005.pth", "model_final.pth"]
 
 
-@pytest.mark.parametrize("change, message", [
-    ("optimizer.lr=0.05", "optimizer.lr: 0.0001 in the checkpoint, 0.05 now"),
-    ("train.seed=3", "train.seed: -1 in the checkpoint, 3 now"),
-])
-def test_resume_refuses_changes_that_cannot_take_effect(toy, trained, tmp_path, change, message):
+@pytest.mark.parametrize("change, messages", [
+    ("optimizer.lr=0.05", ["--resume cannot apply these changes", "optimizer.lr: 0.0001 in the checkpoint, 0.05 now",
+                           "train.init_checkpoint=<checkpoint> in another train.output_dir"]),
+    ("train.seed=3", ["--resume cannot apply these changes", "train.seed: -1 in the checkpoint, 3 now"]),
+    ("model.roi_heads.box_head.fc_dims=[16]", ["model_final.pth: checkpoint is for another architecture",
+                                              "roi_heads.box_head.fc1.weight: checkpoint ("]),
+], ids=["lr", "seed", "architecture"])
+def test_resume_refuses_changes_that_cannot_take_effect_and_leaves_the_run_as_it_was(toy, trained, tmp_path, change,
+                                                                                    messages):
     output_dir, overrides = toy
     shutil.copytree(output_dir, tmp_path / "run")
-    before = (tmp_path / "run" / "metrics.json").read_bytes()
-    result = launch("--num-gpus", "1", "--resume", *overrides, f"train.output_dir={tmp_path / 'run'}", change)
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("metrics.json", "config.yaml")}
+    # train.max_iter=6: this folder's run has 4 or (resumed by the test above) 6 iterations
+    result = launch("--num-gpus", "1", "--resume", *overrides, f"train.output_dir={tmp_path / 'run'}",
+                    "train.max_iter=6", change)
     assert result.returncode != 0
-    assert "--resume cannot apply these changes" in result.stderr and message in result.stderr
-    assert "train.init_checkpoint=<checkpoint> in another train.output_dir" in result.stderr
-    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+    assert [m for m in messages if m not in result.stderr] == [], result.stderr[-1500:]
+    # The run's record is untouched: its metrics (the final AP among them) and the config it ran with.
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
 
 
-def test_eval_only_prints_ap(toy, trained):
+def test_eval_only_prints_ap_and_writes_beside_the_training_run_not_over_it(toy, trained):
     output_dir, overrides = toy
     checkpoint = output_dir / "model_0000003.pth"
+    run_files = {p.name: p.read_bytes() for p in output_dir.iterdir() if p.is_file() and p.name != ".lock"}
     result = launch("--num-gpus", "1", "--eval-only", *overrides, f"train.init_checkpoint={checkpoint}",
                     "model.backbone.bottom_up.sample_ratio=1.0")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
     assert "copypaste: Task: bbox" in log and "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    # The folder holds a training run: the evaluation's config, log and predictions go to eval/.
+    assert f"--eval-only: the log, config.yaml and the evaluator's files go to {output_dir / 'eval'}" in log
+    assert {"config.yaml", "log.txt", "coco_instances_results.json"} <= set(os.listdir(output_dir / "eval"))
+    saved = yaml.unsafe_load((output_dir / "eval" / "config.yaml").read_text())
+    assert saved["train"]["init_checkpoint"] == str(checkpoint)
+    assert {name: (output_dir / name).read_bytes() for name in run_files} == run_files
+
+
+def test_a_drawn_seed_repeats_its_run_when_given(toy, trained, tmp_path):
+    """train.seed=-1 draws a seed and logs it; train.seed=<it> trains the same weights (one thread)."""
+    output_dir, overrides = toy
+    drawn = re.search(r"train.seed=-1: this run's seed is (\d+)", trained.stdout + trained.stderr)
+    assert drawn
+    result = launch("--num-gpus", "1", *overrides, f"train.output_dir={tmp_path}", f"train.seed={drawn.group(1)}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
+    first = torch.load(output_dir / "model_0000003.pth", weights_only=True)
+    assert again["seed"] == first["seed"] == int(drawn.group(1))
+    assert [k for k in first["model"] if not torch.equal(first["model"][k], again["model"][k])] == []
+    # Resumed without repeating train.seed (-1, the default), the run keeps its own seed.
+    result = launch("--num-gpus", "1", "--resume", *overrides, f"train.output_dir={tmp_path}", "train.max_iter=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert resumed["iteration"] == 4 and resumed["seed"] == int(drawn.group(1))
+    assert resumed["config"]["train.seed"] == drawn.group(1)
 
 
 def test_more_gpus_than_available_is_a_clear_error(toy):
