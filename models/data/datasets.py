@@ -144,7 +144,7 @@ def _number(value: Any) -> bool:
 
 
 def _positive_whole(value: Any) -> bool:
-    """A positive whole number, such as an image side: ``221`` or ``221.0`` (many exporters
+    """A positive whole number, such as an RLE's side: ``221`` or ``221.0`` (many exporters
     write sides as floats, and detectron2 and pycocotools take them), not ``221.5`` or ``True``."""
     return _number(value) and value > 0 and value == int(value)
 
@@ -256,7 +256,7 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
 
     What would stop a run mid-way or silently corrupt it is an error: the file is not JSON or
     lacks ``images``/``annotations``/``categories``; an image without ``id``, ``file_name`` or a
-    positive whole ``height``/``width`` (``221.0`` counts); a category id that is not an integer;
+    positive integer ``height``/``width``; a category id that is not an integer;
     duplicate image, annotation or category ids (one image would take another's annotations);
     an annotation without a known ``image_id``, a 4-number ``bbox`` (that overlaps its image) or
     a known ``category_id``; a segmentation that is neither a list of polygons (lists of an even
@@ -317,8 +317,10 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if lacking:
             problems.add(f"images without {'/'.join(lacking)}", f"image {which}")
         for key in ("height", "width"):
-            if key in image and not _positive_whole(image[key]):
-                problems.add(f"images whose {key} is not a positive whole number", f"image {which}: {image[key]!r}")
+            # An int: detectron2 pastes masks into tensors of these sides, which a float (221.0)
+            # makes fail at the end of a run, in its final evaluation.
+            if key in image and not (type(image[key]) is int and image[key] > 0):
+                problems.add(f"images whose {key} is not a positive integer", f"image {which}: {image[key]!r}")
         if "id" in image:
             images[image["id"]] += 1
             sizes[image["id"]] = (image.get("height"), image.get("width"))
