@@ -140,13 +140,36 @@ class _Problems:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float, not a bool, nor an integer beyond a float's range (10**400)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _finite_sum(values: list) -> bool:
+    try:
+        return math.isfinite(sum(values))
+    except OverflowError:  # integers beyond a float's range
+        return False
 
 
 def _positive_whole(value: Any) -> bool:
     """A positive whole number, such as an RLE's side: ``221`` or ``221.0`` (many exporters
     write sides as floats, and detectron2 and pycocotools take them), not ``221.5`` or ``True``."""
     return _number(value) and value > 0 and value == int(value)
+
+
+def _id(value: Any) -> bool:
+    """An id detectron2 can key a dict with and a report can name: an integer or a string."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+# Image sides beyond this are an exporter's error: detectron2 and pycocotools allocate
+# height x width masks, and the largest aerial images of detection sets are ~30,000 px a side.
+_MAX_SIDE = 100_000
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -158,27 +181,36 @@ def _short(value: Any, limit: int = 60) -> str:
 _NOT_POLYGONS = "segmentations that are not a list of polygons (lists of x, y numbers) or an RLE"
 
 
-def _polygons_problem(segmentation: list, for_evaluation: bool) -> Optional[Tuple[str, str]]:
+def _polygons_problem(segmentation: list, for_evaluation: bool,
+                      size: Optional[Tuple[int, int]] = None) -> Optional[Tuple[str, str]]:
     """(kind, example) of the first problem of a list of polygons, or None.
 
     detectron2's loader stops on a polygon that is not a list (``[x1, y1, x2, y2, ...]``
     written without the outer list) and training stops later on one with a value that is not a
     number; a polygon of an odd number of values has no last y. A training set may keep polygons
     of fewer than 3 points (they are dropped with a count before training), an evaluation set may
-    not (pycocotools cannot rasterize them). Builtin ``map``/``sum`` keep this quick on COCO-sized
-    sets; only a polygon that fails them is looked at value by value.
+    not (pycocotools cannot rasterize them). With the image's ``size`` (height, width) known, a
+    point more than one image side outside the image is refused: pycocotools rasterizes a
+    polygon edge by edge in 32-bit integers, and a coordinate of 1e8 or more makes it allocate
+    without bound or crash the process. Builtin ``map``/``sum``/``min``/``max`` keep this quick
+    on COCO-sized sets; only a polygon that fails them is looked at value by value.
     """
+    side = max(size) if size is not None else None
     for polygon in segmentation:
         if type(polygon) is not list:
             return _NOT_POLYGONS, _short(segmentation)
     for polygon in segmentation:
-        if not set(map(type, polygon)) <= {int, float} or not math.isfinite(sum(polygon)):
+        if not set(map(type, polygon)) <= {int, float} or not _finite_sum(polygon):
             bad = [v for v in polygon if not _number(v)]  # none if only the sum overflowed
             if bad:
                 return "polygons with coordinates that are not finite numbers", _short(bad[0])
         if len(polygon) % 2:
             return ("polygons of an odd number of coordinates (each point is an x, y pair)",
                     f"{len(polygon)} coordinates")
+        if side is not None and polygon and not -side <= min(polygon) <= max(polygon) <= 2 * side:
+            far = max(polygon, key=lambda v: max(-v - side, v - 2 * side))
+            return ("polygons with a point more than one image side outside the image",
+                    f"{_short(far)} in an image of {size[0]}x{size[1]}")
         if for_evaluation and len(polygon) < 6:
             return "polygons of fewer than 3 points (pycocotools cannot rasterize them)", ""
     return None
@@ -226,8 +258,9 @@ def _rle_problem(rle: Mapping, image_size: Optional[Tuple[Any, Any]]) -> Optiona
     if "counts" not in rle or "size" not in rle:
         return "RLE segmentations without counts and size", ""
     size, counts = rle["size"], rle["counts"]
-    if not (isinstance(size, list) and len(size) == 2 and all(_positive_whole(v) for v in size)):
-        return "RLE segmentations whose size is not [height, width] of 2 positive whole numbers", _short(size)
+    if not (isinstance(size, list) and len(size) == 2 and all(_positive_whole(v) and v <= _MAX_SIDE for v in size)):
+        return (f"RLE segmentations whose size is not [height, width] of 2 whole numbers from 1 to {_MAX_SIDE}",
+                _short(size))
     height, width = int(size[0]), int(size[1])
     if image_size is not None and all(_positive_whole(v) for v in image_size) and \
             (height, width) != image_size:
@@ -255,12 +288,14 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
     """Check a COCO-format json once, before any work, and list every problem at once.
 
     What would stop a run mid-way or silently corrupt it is an error: the file is not JSON or
-    lacks ``images``/``annotations``/``categories``; an image without ``id``, ``file_name`` or a
-    positive integer ``height``/``width``; a category id that is not an integer;
+    lacks ``images``/``annotations``/``categories``; an image without an ``id`` (an integer or a
+    string), a ``file_name`` or integer sides ``height``/``width`` from 1 to 100,000; a category
+    id that is not an integer or a name that is not a string;
     duplicate image, annotation or category ids (one image would take another's annotations);
     an annotation without a known ``image_id``, a 4-number ``bbox`` (that overlaps its image) or
     a known ``category_id``; a segmentation that is neither a list of polygons (lists of an even
-    number of finite x, y values) nor an RLE of its image's ``[height, width]`` that decodes. A
+    number of finite x, y values, none more than one image side outside the image) nor an RLE
+    of its image's ``[height, width]`` that decodes. A
     set used for evaluation also needs what pycocotools reads: a non-negative ``area``,
     ``iscrowd`` and a segmentation, its polygons of 3 or more points. (Degenerate boxes and
     polygons of a training set are dropped with a count later, see
@@ -288,19 +323,21 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
     categories = collections.Counter()
     for category in data["categories"]:
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
-            problems.add("categories without id or name", category)
+            problems.add("categories without id or name", _short(category))
         else:
+            if not isinstance(category["name"], str) or not category["name"]:
+                problems.add("categories whose name is not a non-empty string", _short(category["name"]))
             category_id = category["id"]
             if not isinstance(category_id, int) or isinstance(category_id, bool):
                 # detectron2 sorts the ids to map them to classes: "1" among 2, 3 stops it
                 problems.add("categories whose id is not an integer",
-                             f"{category['name']!r}: {category_id!r}")
-            if isinstance(category_id, collections.abc.Hashable):
+                             f"{_short(category['name'])}: {_short(category_id)}")
+            if isinstance(category_id, collections.abc.Hashable):  # "1" named once, not again by its annotations
                 categories[category_id] += 1
     for category_id, count in categories.items():
         if count > 1:
             problems.add("duplicate category ids", category_id)
-    names = collections.Counter(c.get("name") for c in data["categories"] if isinstance(c, dict))
+    names = collections.Counter(c["name"] for c in data["categories"] if isinstance(c, dict) and _id(c.get("name")))
     for category_name, count in names.items():
         if count > 1:
             problems.add("duplicate category names (results are reported, and checked, by name)", category_name)
@@ -312,16 +349,22 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if not isinstance(image, dict):
             problems.add("images that are not objects", f"#{number}")
             continue
-        which = image.get("id", f"#{number}")
+        which = _short(image.get("id", f"#{number}"))
         lacking = [key for key in ("id", "file_name", "height", "width") if key not in image]
         if lacking:
             problems.add(f"images without {'/'.join(lacking)}", f"image {which}")
         for key in ("height", "width"):
             # An int: detectron2 pastes masks into tensors of these sides, which a float (221.0)
             # makes fail at the end of a run, in its final evaluation.
-            if key in image and not (type(image[key]) is int and image[key] > 0):
-                problems.add(f"images whose {key} is not a positive integer", f"image {which}: {image[key]!r}")
-        if "id" in image:
+            if key in image and not (type(image[key]) is int and 0 < image[key] <= _MAX_SIDE):
+                problems.add(f"images whose {key} is not an integer from 1 to {_MAX_SIDE}",
+                             f"image {which}: {_short(image[key])}")
+        if "file_name" in image and not (isinstance(image["file_name"], str) and image["file_name"]):
+            problems.add("images whose file_name is not a non-empty string",
+                         f"image {which}: {_short(image['file_name'])}")
+        if "id" in image and not _id(image["id"]):
+            problems.add("images whose id is not an integer or a string", f"#{number}: {which}")
+        elif "id" in image:
             images[image["id"]] += 1
             sizes[image["id"]] = (image.get("height"), image.get("width"))
     for image_id, count in images.items():
@@ -332,31 +375,35 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if not isinstance(annotation, dict):
             problems.add("annotations that are not objects", f"#{number}")
             continue
-        which = f"annotation {annotation.get('id', f'#{number}')}"
-        if "id" in annotation:
+        which = f"annotation {_short(annotation.get('id', f'#{number}'))}"
+        if "id" in annotation and not _id(annotation["id"]):
+            problems.add("annotations whose id is not an integer or a string", which)
+        elif "id" in annotation:
             annotations[annotation["id"]] += 1
-        if annotation.get("image_id") not in images:
-            problems.add("annotations of an image id not in images", f"{which}: {annotation.get('image_id')!r}")
+        image_id = annotation.get("image_id")
+        if not _id(image_id) or image_id not in images:
+            problems.add("annotations of an image id not in images", f"{which}: {_short(image_id)}")
+            image_id = None
         box = annotation.get("bbox")
         if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
-            problems.add("annotations without a bbox of 4 numbers", f"{which}: {box!r}")
-        elif annotation.get("image_id") in sizes:
-            height, width = sizes[annotation["image_id"]]
+            problems.add("annotations without a bbox of 4 numbers", f"{which}: {_short(box)}")
+        elif image_id in sizes:
+            height, width = sizes[image_id]
             x, y, w, h = box
             known = _number(height) and _number(width) and height > 0 and width > 0
             if known and (x >= width or y >= height or x + w <= 0 or y + h <= 0):
                 problems.add("annotations whose bbox lies outside its image", f"{which}: {box!r}")
-        if annotation.get("category_id") not in categories:
-            problems.add("annotations without a category_id of the categories",
-                         f"{which}: {annotation.get('category_id')!r}")
+        category_id = annotation.get("category_id")
+        if not isinstance(category_id, collections.abc.Hashable) or category_id not in categories:
+            problems.add("annotations without a category_id of the categories", f"{which}: {_short(category_id)}")
         # Masks are checked in training sets too: detectron2's loader and mapper stop on broken
         # ones, and an RLE of the wrong size trains on the wrong pixels.
         segmentation = annotation.get("segmentation")
         problem = None
         if isinstance(segmentation, dict):
-            problem = _rle_problem(segmentation, sizes.get(annotation.get("image_id")))
+            problem = _rle_problem(segmentation, sizes.get(image_id))
         elif isinstance(segmentation, list) and segmentation:
-            problem = _polygons_problem(segmentation, for_evaluation)
+            problem = _polygons_problem(segmentation, for_evaluation, _known_size(sizes.get(image_id)))
         elif segmentation:
             problem = _NOT_POLYGONS, _short(segmentation)
         elif for_evaluation:  # a training set may have none: detectron2 leaves it out
@@ -376,9 +423,16 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
     if problems.counts:
         raise ValueError(f"{where} has problems that would stop or corrupt the run; fix the json:\n"
                          f"{problems.report()}")
-    if len(set(image.get("file_name") for image in data["images"] if isinstance(image, dict))) < len(images):
+    if len(set(image["file_name"] for image in data["images"] if isinstance(image, dict))) < len(images):
         logger.warning("%s: several images share a file_name", where)
     return hashlib.sha256(raw).hexdigest()
+
+
+def _known_size(size: Optional[Tuple[Any, Any]]) -> Optional[Tuple[int, int]]:
+    """(height, width) if both are valid image sides, else None (their problem is reported)."""
+    if size is None or not all(type(v) is int and 0 < v <= _MAX_SIDE for v in size):
+        return None
+    return size
 
 
 def check_image_sizes(name: str, records: Sequence[Mapping]) -> None:

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from detectron2.engine import HookBase
 from omegaconf import DictConfig, ListConfig
 
-from ..checkpoint import SafeDetectionCheckpointer, check_same_architecture, fixed_pos_tables, write_atomic
+from ..checkpoint import (SafeDetectionCheckpointer, check_same_architecture, fixed_pos_tables, summarize_names,
+                          write_atomic)
 
 __all__ = ["ResumePoint", "ResumableCheckpointer", "MetricHistory", "drop_metrics_after",
            "remove_partial_checkpoints", "flatten_config", "check_resumed_config"]
@@ -175,10 +176,21 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
             return
         path, data = self._read
         state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in data["model"].items()}
+        model_state = self.model.state_dict()
         try:
-            check_same_architecture(state, self.model.state_dict(), fixed_pos_tables(self.model))
+            check_same_architecture(state, model_state, fixed_pos_tables(self.model))
         except ValueError as e:
             raise ValueError(f"--resume: {path}: {e}") from None
+        # A run goes on with the model it saved: unlike fine-tuning, where detectron2 starts
+        # missing layers from scratch, a layer added or removed since means another model.
+        missing = [k for k in model_state if k not in state]
+        unexpected = [k for k in state if k not in model_state]
+        if missing or unexpected:
+            parts = ([f"the model's {summarize_names(missing)} are not in it"] if missing else []) + \
+                ([f"it holds {summarize_names(unexpected)}, which the model has not"] if unexpected else [])
+            raise ValueError(f"--resume: {path} was saved by another architecture: {'; '.join(parts)}. "
+                             "Resume with the run's own config (its config.yaml), or start a new run in "
+                             "another folder")
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if self._read is not None and self._read[0] == filename:  # read once, by find_resume_point

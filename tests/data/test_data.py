@@ -231,7 +231,7 @@ def test_rle_masks_of_another_size_than_their_image_or_that_do_not_decode_are_na
             "  3 x uncompressed RLEs whose counts are not non-negative whole numbers adding up to height x width "
             "(e.g. annotation 9: [5, 90] for size [10, 10], annotation 10: [-5, 105] for size [10, 10], "
             "annotation 11: [50, '50'] for size [10, 10])",
-            "  1 x RLE segmentations whose size is not [height, width] of 2 positive whole numbers "
+            "  1 x RLE segmentations whose size is not [height, width] of 2 whole numbers from 1 to 100000 "
             "(e.g. annotation 12: [10])",
             "  1 x RLE segmentations whose counts are neither a list of run lengths nor a compressed string "
             "(e.g. annotation 13: None)",
@@ -270,9 +270,47 @@ def test_category_ids_that_are_not_integers_are_named(tmp_path):
 def test_image_sides_must_be_positive_integers(tmp_path):
     """A float side (221.0) would pass here and fail in detectron2's mask pasting at the end of a run."""
     images = [dict(id=number, file_name=f"{number}.png", height=height, width=30)
-              for number, height in enumerate([20.0, 20.5, 0, -20, True, "20", None], 1)]
+              for number, height in enumerate([20.0, 20.5, 0, -20, True, "20", None, 10**400, 100_001], 1)]
     assert _problems(_small_coco(tmp_path, [], images=images), False) == [
-        "  7 x images whose height is not a positive integer (e.g. image 1: 20.0, image 2: 20.5, image 3: 0)"]
+        "  9 x images whose height is not an integer from 1 to 100000 (e.g. image 1: 20.0, image 2: 20.5, "
+        "image 3: 0)"]
+
+
+def test_ids_and_names_that_are_not_keys_are_named_not_a_traceback(tmp_path):
+    """A list where an id belongs cannot key detectron2's dicts; a file_name of null or a class
+    name of 5 would stop the run later, in the loader or the evaluator."""
+    images = [dict(id=1, file_name="a.png", height=20, width=30), dict(id=[2], file_name="b.png", height=10, width=10),
+              dict(id=3, file_name=None, height=10, width=10), dict(id=4, file_name="", height=10, width=10)]
+    categories = [dict(id=1, name="thing"), dict(id=2, name=5), dict(id=[3], name=["x"])]
+    json_file = _small_coco(tmp_path, [dict(id=[7]), dict(image_id=[1]), dict(category_id=[1]),
+                                       dict(bbox=[0, 0, 10**400, 5])], images=images, categories=categories)
+    assert _problems(json_file, False) == [
+        "  2 x categories whose name is not a non-empty string (e.g. 5, ['x'])",
+        "  1 x categories whose id is not an integer (e.g. ['x']: [3])",
+        "  1 x images whose id is not an integer or a string (e.g. #1: [2])",
+        "  2 x images whose file_name is not a non-empty string (e.g. image 3: None, image 4: '')",
+        "  1 x annotations whose id is not an integer or a string (e.g. annotation [7])",
+        "  1 x annotations of an image id not in images (e.g. annotation 2: [1])",
+        "  1 x annotations without a category_id of the categories (e.g. annotation 3: [1])",
+        f"  1 x annotations without a bbox of 4 numbers (e.g. annotation 4: [0, 0, 1{'0' * 49}...)",
+    ]
+
+
+def test_polygon_points_far_outside_their_image_are_named(tmp_path):
+    """pycocotools rasterizes polygons in 32-bit integers: a coordinate of 1e8 or more makes it
+    allocate without bound or crash; points within one image side around the image pass."""
+    near = [-30, -20, 60, -20, 60, 40, -30, 40]  # image 1 is 20 x 30: one side (30) outside on every edge
+    json_file = _small_coco(tmp_path, [dict(segmentation=[near]), dict(segmentation=[[2, 2, 7, 2, 1e308, 7]]),
+                                       dict(segmentation=[[2, 2, 7, 2, 7, 3e8]]),
+                                       dict(segmentation=[[-31, 2, 7, 2, 7, 7]]),
+                                       dict(segmentation=[[2, 2, 7, 2, 7, 10**400]])])
+    for for_evaluation in (False, True):
+        assert _problems(json_file, for_evaluation) == [
+            "  3 x polygons with a point more than one image side outside the image (e.g. annotation 2: 1e+308 "
+            "in an image of 20x30, annotation 3: 300000000.0 in an image of 20x30, annotation 4: -31 in an image "
+            "of 20x30)",
+            f"  1 x polygons with coordinates that are not finite numbers (e.g. annotation 5: 1{'0' * 56}...)",
+        ]
 
 
 def test_the_launcher_validates_before_training(tmp_path, toy_coco_writer, dataset_overrides):

@@ -97,7 +97,12 @@ def test_resume_continues_at_next_iteration(toy, trained):
     ("train.seed=3", ["--resume cannot apply these changes", "train.seed: -1 in the checkpoint, 3 now"]),
     ("model.roi_heads.box_head.fc_dims=[16]", ["model_final.pth: checkpoint is for another architecture",
                                               "roi_heads.box_head.fc1.weight: checkpoint ("]),
-], ids=["lr", "seed", "architecture"])
+    # a layer more, or a layer less, with every shared entry of the same shape
+    ("model.roi_heads.box_head.fc_dims=[128,128]", ["was saved by another architecture",
+                                                    "the model's roi_heads.box_head.fc2.* are not in it"]),
+    ("model.roi_heads.mask_head.conv_dims=[64]", ["was saved by another architecture",
+                                                  "it holds roi_heads.mask_head.mask_fcn1.*"]),
+], ids=["lr", "seed", "architecture", "added-layer", "removed-layer"])
 def test_resume_refuses_changes_that_cannot_take_effect_and_leaves_the_run_as_it_was(toy, trained, tmp_path, change,
                                                                                     messages):
     output_dir, overrides = toy
@@ -110,6 +115,7 @@ def test_resume_refuses_changes_that_cannot_take_effect_and_leaves_the_run_as_it
     assert [m for m in messages if m not in result.stderr] == [], result.stderr[-1500:]
     # The run's record is untouched: its metrics (the final AP among them) and the config it ran with.
     assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(p.name for p in output_dir.iterdir())
 
 
 def test_eval_only_prints_ap_and_writes_beside_the_training_run_not_over_it(toy, trained):
