@@ -44,7 +44,7 @@ def main(args) -> Optional[dict]:
     cfg = load_config(args.config_file, args.opts)
     check_start_weights(cfg, args.config_file, resume=args.resume, eval_only=args.eval_only)
     if args.eval_only:  # an evaluation never replaces a training run's config and results
-        cfg.train.output_dir = evaluation_folder(cfg.train.output_dir)
+        cfg.train.output_dir = args.eval_output_dir
     seed = setup_run(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="models", abbrev_name="mimdet")
     if args.num_cpu_processes and cfg.train.device != "cpu":
@@ -100,11 +100,14 @@ def cli(argv: Optional[List[str]] = None) -> None:
     if not args.num_cpu_processes and not all(v in os.environ for v in TORCHRUN_VARS):
         check_num_gpus(args.num_gpus)
     check_data_files(cfg, eval_only=args.eval_only)  # a dataset not downloaded is named before the run folder is made
+    # An evaluation holds its own folder: it may run while training goes on in train.output_dir.
+    args.eval_output_dir = evaluation_folder(cfg.train.output_dir) if args.eval_only else None
     # One process per run holds the output folder: the launching one (rank 0 under torchrun).
     holds_folder = args.machine_rank == 0 and os.environ.get("RANK", "0") == "0"
     starts_from = [str(cfg.train.get("init_checkpoint", "") or ""), str(cfg.get("mae_checkpoint", {}).get("path", ""))]
-    folder = hold_run_folder(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite,
-                             eval_only=args.eval_only, keep=starts_from) if holds_folder else contextlib.nullcontext()
+    folder = hold_run_folder(args.eval_output_dir or cfg.train.output_dir, resume=args.resume,
+                             overwrite=args.overwrite, eval_only=args.eval_only,
+                             keep=starts_from) if holds_folder else contextlib.nullcontext()
     with folder:
         _launched = True
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

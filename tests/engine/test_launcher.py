@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import models  # noqa: F401  (before detectron2)
+import portalocker
 import pytest
 import torch
 import yaml
@@ -121,9 +122,13 @@ def test_resume_refuses_changes_that_cannot_take_effect_and_leaves_the_run_as_it
 def test_eval_only_prints_ap_and_writes_beside_the_training_run_not_over_it(toy, trained):
     output_dir, overrides = toy
     checkpoint = output_dir / "model_0000003.pth"
-    run_files = {p.name: p.read_bytes() for p in output_dir.iterdir() if p.is_file() and p.name != ".lock"}
-    result = launch("--num-gpus", "1", "--eval-only", *overrides, f"train.init_checkpoint={checkpoint}",
-                    "model.backbone.bottom_up.sample_ratio=1.0")
+    # As if training were still going on there: a live process holds the run folder.
+    with open(output_dir / ".lock", "a+") as held:
+        portalocker.lock(held, portalocker.LOCK_EX | portalocker.LOCK_NB)
+        held.seek(0), held.truncate(), held.write("4242"), held.flush()
+        run_files = {p.name: p.read_bytes() for p in output_dir.iterdir() if p.is_file()}
+        result = launch("--num-gpus", "1", "--eval-only", *overrides, f"train.init_checkpoint={checkpoint}",
+                        "model.backbone.bottom_up.sample_ratio=1.0")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "Evaluation results for bbox" in log and "Evaluation results for segm" in log
@@ -133,7 +138,18 @@ def test_eval_only_prints_ap_and_writes_beside_the_training_run_not_over_it(toy,
     assert {"config.yaml", "log.txt", "coco_instances_results.json"} <= set(os.listdir(output_dir / "eval"))
     saved = yaml.unsafe_load((output_dir / "eval" / "config.yaml").read_text())
     assert saved["train"]["init_checkpoint"] == str(checkpoint)
-    assert {name: (output_dir / name).read_bytes() for name in run_files} == run_files
+    assert {name: (output_dir / name).read_bytes() for name in run_files} == run_files  # .lock too
+
+
+def test_eval_only_names_an_eval_file_in_the_way(toy, trained, tmp_path):
+    output_dir, overrides = toy
+    shutil.copytree(output_dir, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    (tmp_path / "run" / "eval").write_text("notes")
+    result = launch("--num-gpus", "1", "--eval-only", *overrides, f"train.output_dir={tmp_path / 'run'}",
+                    f"train.init_checkpoint={output_dir / 'model_final.pth'}")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"train.output_dir {tmp_path / 'run' / 'eval'} cannot hold a run" in result.stderr, result.stderr[-1500:]
 
 
 def test_a_drawn_seed_repeats_its_run_when_given(toy, trained, tmp_path):
