@@ -35,7 +35,7 @@ from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
 from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
 from models.engine.loops import (build_model, check_classes, check_data_files, check_start_weights, do_test, do_train,
-                                 evaluation_folder, prepare, save_config, setup_run, wrap_ddp)
+                                 evaluation_folder, prepare, save_config, setup_run, work_started, wrap_ddp)
 from models.engine.run_folder import RunFolderBusy, hold_run_folder
 
 logger = logging.getLogger("detectron2")
@@ -114,13 +114,24 @@ def cli(argv: Optional[List[str]] = None) -> None:
                dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
 
 
-_launched = False  # errors before the launch are the user's input: one line, no traceback
+_launched = False
+
+
+def log_traceback_to_files() -> None:
+    """Write the exception being handled, with its traceback, to the run's log.txt only."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "The run was refused before it began:",
+                               None, sys.exc_info())
+    for handler in logger.handlers:
+        if getattr(handler, "stream", None) not in (sys.stdout, sys.stderr):  # detectron2's log file handlers
+            handler.handle(record)
 
 
 if __name__ == "__main__":
     try:
         cli()
     except (ValueError, KeyError, OSError, RunFolderBusy) as e:  # bad overrides, configs, files, folders
-        if _launched:
+        if work_started():  # training or evaluation had begun: perhaps a fault of the code
             raise
+        if _launched:  # refused while the run was set up: its log file keeps the traceback
+            log_traceback_to_files()
         sys.exit(f"lazyconfig_train_net.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")

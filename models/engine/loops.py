@@ -37,6 +37,21 @@ from .sync_norm import sync_batchnorm_for_cpu
 
 logger = logging.getLogger("detectron2")
 
+# Set once this process starts its first training step or evaluation: an error before then is
+# a refused input (a config value, a dataset, a checkpoint), which the launcher reports in one
+# line; one after it may be a fault of the code, reported with its traceback.
+_work_started = False
+
+
+def work_started() -> bool:
+    """Whether this process has begun training or evaluating (see :func:`do_train`, :func:`do_test`)."""
+    return _work_started
+
+
+def _start_work() -> None:
+    global _work_started
+    _work_started = True
+
 
 DIVERGED = "DIVERGED.json"  # written into train.output_dir when a run stops on a non-finite loss
 
@@ -386,8 +401,10 @@ def do_test(cfg, model, seed: int = 0):
     seed_all_rng(derive_seed(seed, 3, comm.get_rank()))
     dtype = amp_dtype(cfg, evaluation=True)
     autocast = torch.autocast(torch.device(cfg.train.device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+    loader, evaluator = instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    _start_work()
     with autocast:
-        results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
+        results = inference_on_dataset(model, loader, evaluator)
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -467,12 +484,12 @@ def do_train(args, cfg, seed: int) -> None:
         if settings.get("train.seed") == "-1" and saved_seed != "-1":  # -1 (the default): the run's own seed
             settings["train.seed"] = saved_seed
             recorded.train.seed = int(saved_seed)
+        checkpointer.check_fits_model()  # first: a changed architecture is no setting to go on with
         check_resumed_config(resume.config, settings)
         if resume.iteration + 1 > cfg.train.max_iter:
             raise ValueError(f"--resume: {resume.path} holds {resume.iteration + 1} iterations, more than "
                              f"train.max_iter={cfg.train.max_iter}; pass train.max_iter={resume.iteration + 1} "
                              "or more")
-        checkpointer.check_fits_model()
     if args.resume and resume is None:
         logger.info("--resume: no checkpoint in %s, starting a new run", cfg.train.output_dir)
         if main:  # records of an attempt that never reached a checkpoint are redone
@@ -515,6 +532,7 @@ def do_train(args, cfg, seed: int) -> None:
         if "mae_checkpoint" in cfg:
             load_mae_weights(model, cfg.mae_checkpoint.path)
         checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
+    _start_work()
     try:
         trainer.train(start_iter, cfg.train.max_iter)
     except FloatingPointError as e:  # detectron2's and our non-finite checks

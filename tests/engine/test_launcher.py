@@ -112,8 +112,11 @@ def test_resume_refuses_changes_that_cannot_take_effect_and_leaves_the_run_as_it
     # train.max_iter=6: this folder's run has 4 or (resumed by the test above) 6 iterations
     result = launch("--num-gpus", "1", "--resume", *overrides, f"train.output_dir={tmp_path / 'run'}",
                     "train.max_iter=6", change)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert [m for m in messages if m not in result.stderr] == [], result.stderr[-1500:]
+    # Refused while the run was set up: one line on the console, the traceback in its log file.
+    assert "Traceback" not in result.stderr
+    assert "The run was refused before it began:\nTraceback" in (tmp_path / "run" / "log.txt").read_text()
     # The run's record is untouched: its metrics (the final AP among them) and the config it ran with.
     assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(p.name for p in output_dir.iterdir())
