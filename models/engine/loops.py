@@ -480,11 +480,12 @@ def do_train(args, cfg, seed: int) -> None:
     main = comm.is_main_process()
     resume = checkpointer.find_resume_point() if args.resume else None
     if resume:
-        saved_seed = (resume.config or {}).get("train.seed", "-1")
-        if settings.get("train.seed") == "-1" and saved_seed != "-1":  # -1 (the default): the run's own seed
-            settings["train.seed"] = saved_seed
-            recorded.train.seed = int(saved_seed)
         checkpointer.check_fits_model()  # first: a changed architecture is no setting to go on with
+        saved_seed, given_seed = (resume.config or {}).get("train.seed", "-1"), settings.get("train.seed")
+        if given_seed == "-1" and saved_seed != "-1":  # -1 (the default): the run's own seed
+            settings["train.seed"] = saved_seed
+        elif saved_seed == "-1" and resume.seed is not None and given_seed == str(resume.seed):
+            settings["train.seed"] = "-1"  # the seed a -1 run drew, given as its log and config.yaml name it
         check_resumed_config(resume.config, settings)
         if resume.iteration + 1 > cfg.train.max_iter:
             raise ValueError(f"--resume: {resume.path} holds {resume.iteration + 1} iterations, more than "
@@ -497,14 +498,15 @@ def do_train(args, cfg, seed: int) -> None:
     if resume and main:  # before the writers open metrics.json
         remove_partial_checkpoints(cfg.train.output_dir)
         drop_metrics_after(cfg.train.output_dir, resume.iteration)
-    if main:  # the config as the run uses it: fitted to the machine and data, checked against the checkpoint
-        save_config(recorded, os.path.join(cfg.train.output_dir, "config.yaml"))
-    # The checkpoint holds the iteration that just finished: continue at the next one.
-    start_iter = resume.iteration + 1 if resume else 0
     if resume and resume.seed is not None and resume.seed != seed:
         logger.info("--resume: the run's seed is %d, from its checkpoint", resume.seed)
         seed = resume.seed
     checkpointer.seed = seed
+    recorded.train.seed = seed  # a drawn seed too: train.seed=<it> repeats the run
+    if main:  # the config as the run uses it: fitted to the machine and data, checked against the checkpoint
+        save_config(recorded, os.path.join(cfg.train.output_dir, "config.yaml"))
+    # The checkpoint holds the iteration that just finished: continue at the next one.
+    start_iter = resume.iteration + 1 if resume else 0
 
     trainer = MixedPrecisionTrainer(model, build_train_loader(cfg, seed, start_iter), optimizer,
                                     amp_dtype=amp_dtype(cfg), device_type=torch.device(cfg.train.device).type,
@@ -560,7 +562,7 @@ def setup_run(cfg, args) -> int:
     logger.info("Command line arguments: %s", args)
     with open(args.config_file) as f:
         logger.info("Contents of args.config_file=%s:\n%s", args.config_file, f.read())
-    seed = run_seed(cfg.train.get("seed", -1))
+    seed = run_seed(cfg.train.get("seed", -1), resume=args.resume)
     seed_all_rng(seed + rank)
     if not args.eval_only:
         torch.backends.cudnn.benchmark = bool(cfg.train.get("cudnn_benchmark", False))
@@ -576,10 +578,13 @@ def evaluation_folder(output_dir: str) -> str:
     return os.path.join(output_dir, "eval")
 
 
-def run_seed(seed: int) -> int:
+def run_seed(seed: int, resume: bool = False) -> int:
     """``train.seed``, or for -1 a random seed shared by all processes."""
     if seed >= 0:
         return seed
     seed = int(comm.shared_random_seed())
-    logger.info("train.seed=-1: this run's seed is %d (kept in its checkpoints)", seed)
+    if resume:
+        logger.info("train.seed=-1: drew seed %d, for a new run; a resumed run goes on with its own", seed)
+    else:
+        logger.info("train.seed=-1: this run's seed is %d (kept in its checkpoints and config.yaml)", seed)
     return seed

@@ -172,6 +172,15 @@ def test_a_drawn_seed_repeats_its_run_when_given(toy, trained, tmp_path):
     resumed = torch.load(tmp_path / "model_final.pth", weights_only=True)
     assert resumed["iteration"] == 4 and resumed["seed"] == int(drawn.group(1))
     assert resumed["config"]["train.seed"] == drawn.group(1)
+    assert "this run's seed is" not in result.stdout + result.stderr  # only the seed it goes on with is named
+    assert f"--resume: the run's seed is {drawn.group(1)}, from its checkpoint" in result.stdout + result.stderr
+    # The -1 run's config.yaml names the drawn seed, and the run resumes with it given.
+    assert yaml.unsafe_load((output_dir / "config.yaml").read_text())["train"]["seed"] == int(drawn.group(1))
+    shutil.copytree(output_dir, tmp_path / "given", ignore=shutil.ignore_patterns("eval", ".lock"))
+    result = launch("--num-gpus", "1", "--resume", *overrides, f"train.output_dir={tmp_path / 'given'}",
+                    "train.max_iter=7", f"train.seed={drawn.group(1)}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(tmp_path / "given" / "model_final.pth", weights_only=True)["iteration"] == 6
 
 
 def test_more_gpus_than_available_is_a_clear_error(toy):
