@@ -147,6 +147,24 @@ def test_infer_without_ground_truth_numbers_images_in_order(setup, tmp_path):
     assert sorted(os.listdir(out)) == sorted(["images.json", "results.json", "notes.png", first])
 
 
+def test_infer_without_ground_truth_names_the_classes_and_category_ids_the_checkpoint_was_trained_on(setup,
+                                                                                                    tmp_path):
+    """A checkpoint of this project keeps its training set's class names and json category ids
+    (COCO's run 1..90 with gaps): results name those, not 1..N."""
+    config_file, checkpoint, paths = setup
+    state = torch.load(checkpoint, weights_only=True)
+    names, ids = [f"shape{i}" for i in range(len(SHAPE_CLASSES))], [3, 7, 11, 20, 90][:len(SHAPE_CLASSES)]
+    state["config"] = {"classes": repr(names), "category_ids": repr(ids)}
+    torch.save(state, tmp_path / "trained.pth")
+    out = tmp_path / "out"
+    infer.main([paths["val"][1], "--config-file", config_file, "--checkpoint", str(tmp_path / "trained.pth"),
+                "--output", str(out), "--score-threshold", "0"])
+    categories = json.loads((out / "images.json").read_text())["categories"]
+    assert categories == [{"id": i, "name": n} for i, n in zip(ids, names)]
+    results = json.loads((out / "results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= set(ids)
+
+
 def test_infer_into_the_images_own_folder_never_draws_over_an_image(setup, tmp_path):
     """``infer.py photos --output photos``, twice: the PNG inputs keep their bytes, the drawings are
     numbered beside them, and the rerun neither reads nor keeps the first run's drawings."""

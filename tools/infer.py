@@ -160,6 +160,13 @@ def checkpoint_classes(state: Dict) -> Optional[List[str]]:
     return None if classes is None else list(ast.literal_eval(classes))
 
 
+def checkpoint_category_ids(state: Dict) -> Optional[Dict[int, int]]:
+    """Class index -> the training json's category id, as a checkpoint of this project keeps it
+    (None for other checkpoints)."""
+    ids = (state.get("config") or {}).get("category_ids")
+    return None if ids is None else dict(enumerate(ast.literal_eval(ids)))
+
+
 def config_classes(cfg, warn: bool = True) -> Tuple[Optional[List[str]], Optional[Dict[int, int]]]:
     """Class names and contiguous -> category id of the config's test set, if its datasets can be
     loaded (a warning says why not, or with ``warn=False`` an info line)."""
@@ -303,7 +310,7 @@ def run(args: argparse.Namespace) -> str:
         class_names, category_ids = config_classes(cfg, warn=trained is None)
         if trained is not None and trained != class_names:
             logger.info("Class names from the checkpoint: %s", trained)
-            class_names, category_ids = trained, None
+            class_names, category_ids = trained, checkpoint_category_ids(state)
     try:
         model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio, state)
     except ValueError as e:  # a checkpoint of another architecture or class count

@@ -82,6 +82,15 @@ def register_coco_datasets(specs: Iterable[Mapping]) -> List[str]:
     return names
 
 
+def category_ids(names: Union[str, Sequence[str]]) -> Optional[List[int]]:
+    """The json's category id of each class, in class order, for the first of ``names``
+    (None for a dataset without the mapping, e.g. one that is not COCO-format)."""
+    thing_classes(names)  # reads the json if it has not been read
+    to_contiguous = MetadataCatalog.get(names if isinstance(names, str) else names[0]).get(
+        "thing_dataset_id_to_contiguous_id", None)
+    return [k for k, _ in sorted(to_contiguous.items(), key=lambda kv: kv[1])] if to_contiguous else None
+
+
 def thing_classes(names: Union[str, Sequence[str]]) -> List[str]:
     """Class names of a registered dataset (the first of ``names``).
 

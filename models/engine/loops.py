@@ -24,8 +24,8 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
 from ..checkpoint import SCRATCH, load_mae_weights, write_atomic
-from ..data.datasets import (check_dataset_files, check_image_sizes, register_coco_datasets, thing_classes,
-                             validate_coco_json)
+from ..data.datasets import (category_ids, check_dataset_files, check_image_sizes, register_coco_datasets,
+                             thing_classes, validate_coco_json)
 from . import trainer as amp_support
 from .trainer import MixedPrecisionTrainer, resolve_amp_dtype
 from ..data.resumable import StepSeeds, build_resumable_train_loader, derive_seed
@@ -467,6 +467,9 @@ def do_train(args, cfg, seed: int) -> None:
     settings = flatten_config(cfg)  # kept in every checkpoint, compared on --resume
     if is_detector(cfg):
         settings["classes"] = repr(thing_classes(cfg.dataloader.train.dataset.names))
+        ids = category_ids(cfg.dataloader.train.dataset.names)  # so results name the json's ids
+        if ids is not None:
+            settings["category_ids"] = repr(ids)
     for name in dataset_names(cfg, "train"):  # an edited json changes the data stream
         digest = MetadataCatalog.get(name).get("json_sha256", None)  # set by prepare()
         if digest:

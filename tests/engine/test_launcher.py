@@ -64,7 +64,7 @@ def trained(toy):
 
 
 def test_train_writes_checkpoints_and_metrics(toy, trained):
-    output_dir, _ = toy
+    output_dir, overrides = toy
     log = trained.stdout + trained.stderr
     assert "running on CPU" in log
     assert "num_classes 80 -> 2" in log
@@ -77,6 +77,12 @@ def test_train_writes_checkpoints_and_metrics(toy, trained):
     )
     assert iterations(output_dir) == [0, 1, 2, 3]
     assert "eta:" in log  # detectron2's console writer
+    # The checkpoints name the classes and their json category ids (tools/infer.py reports those).
+    json_file = next(o for o in overrides if o.startswith("datasets.register=")).split("json_file:'")[1].split("'")[0]
+    categories = sorted(json.loads(Path(json_file).read_text())["categories"], key=lambda c: c["id"])
+    config = torch.load(output_dir / "model_final.pth", weights_only=True)["config"]
+    assert (config["classes"], config["category_ids"]) == (repr([c["name"] for c in categories]),
+                                                            repr([c["id"] for c in categories]))
 
 
 def test_resume_continues_at_next_iteration(toy, trained):
