@@ -366,6 +366,10 @@ def test_plot_metrics_smooth_and_series():
     expected = [np.nanmean(values[max(0, i - 4):i + 1]) for i in range(33)]
     assert np.allclose(np.delete(smoothed, 2), np.delete(expected, 2))
     assert np.isnan(plot_metrics.smooth(np.array([1.0, np.inf]), 1)).tolist() == [False, True]
+    # A spike leaves the later windows as they are, and values near the float limit do not overflow.
+    spiked = plot_metrics.smooth(np.array([1e20, 1.0, 2.0, 3.0, 4.0]), 2)
+    assert spiked[3:].tolist() == [2.5, 3.5]
+    assert plot_metrics.smooth(np.array([1e308, 1e308, 1e308]), 2).tolist() == [1e308, 1e308, 1e308]
     series = plot_metrics._series([{"iteration": 2, "loss_a": 1.0}, {"iteration": 1, "loss_a": 3.0},
                                    {"iteration": 2, "loss_a": 0.5}], plot_metrics._is_loss)
     assert series["loss_a"][0].tolist() == [1, 2] and series["loss_a"][1].tolist() == [3.0, 0.5]
@@ -396,6 +400,25 @@ def test_plot_metrics_bad_inputs_are_named(tmp_path, capsys):
                                     "picture can be written below it")
     with pytest.raises(ValueError, match=f"{checkpoint} is a file, not a folder"):
         plot_metrics.picture_path(str(checkpoint / "x.png"))
+    # A dangling link or a name too long for the file system: one line, not a traceback.
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for out in (str(tmp_path / "gone" / "x.png"), str(tmp_path / ("x" * 300 + ".png"))):
+        with pytest.raises(SystemExit) as exit_info:
+            plot_metrics.main([str(tmp_path / "run"), "--out", out])
+        assert str(exit_info.value.code).startswith("plot_metrics.py: error: ")
+
+
+def test_plot_metrics_skips_records_without_a_whole_iteration(tmp_path, caplog):
+    metrics = tmp_path / "metrics.json"
+    lines = [{"iteration": i, "total_loss": 1.0 / (i + 1)} for i in range(3)]
+    lines[1]["iteration"] = None
+    metrics.write_text("\n".join(json.dumps(line) for line in lines + [{"iteration": 2.5, "total_loss": 1}]))
+    with caplog.at_level(logging.WARNING, logger="mimdet.plot_metrics"):
+        records = plot_metrics.read_metrics(str(metrics))
+    assert [r["iteration"] for r in records] == [0, 2]
+    assert "metrics.json:2: iteration None is not a whole number; skipped" in caplog.text
+    plot_metrics.plot_metrics(str(metrics), str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").stat().st_size > 0
 
 
 def test_plot_metrics_takes_a_run_folder_and_names_the_file_it_wrote(tmp_path, capsys):

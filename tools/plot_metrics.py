@@ -9,6 +9,7 @@ an "iteration"; losses are "total_loss" and "loss_*", evaluations "<task>/AP".
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from typing import Dict, List, Tuple
@@ -61,8 +62,14 @@ def read_metrics(path: str) -> List[dict]:
             except json.JSONDecodeError:
                 logger.warning("%s:%d is not JSON; skipped", path, number)
                 continue
-            if isinstance(record, dict) and "iteration" in record:
-                records.append(record)
+            if not (isinstance(record, dict) and "iteration" in record):
+                continue
+            iteration = record["iteration"]
+            if not (isinstance(iteration, (int, float)) and not isinstance(iteration, bool)
+                    and math.isfinite(iteration) and iteration == int(iteration)):
+                logger.warning("%s:%d: iteration %r is not a whole number; skipped", path, number, iteration)
+                continue
+            records.append(record)
     return records
 
 
@@ -82,16 +89,19 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
     A record that is not a number (a NaN or infinite loss) stays a gap in the curve at its own
     point, where the reader sees it, and the windows around it average their other records:
-    a running sum with the NaN in it would blank every later point of the curve instead."""
+    a running sum with the NaN in it would blank every later point of the curve instead. Each
+    window is averaged on its own (a running sum would carry a spike's rounding error, 1e20
+    say, into every later point), each value divided by the count before the sum, so values
+    near the float limit do not overflow."""
+    values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
     if window <= 1 or len(values) == 0:
         return np.where(finite, values, np.nan)
-    cumulative = np.cumsum(np.insert(np.where(finite, values, 0.0), 0, 0.0))
-    counted = np.cumsum(np.insert(finite, 0, False))  # finite records among the first i
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(ends - window, 0)
-    counts = np.maximum(counted[ends] - counted[starts], 1)  # 0 only where the point itself is NaN
-    return np.where(finite, (cumulative[ends] - cumulative[starts]) / counts, np.nan)
+    padded = np.concatenate([np.full(window - 1, np.nan), np.where(finite, values, np.nan)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, window)  # row i: the window ending at i
+    counts = np.maximum(np.isfinite(windows).sum(axis=1), 1)  # 0 only where the point itself is NaN
+    means = np.nansum(windows / counts[:, None], axis=1)
+    return np.where(finite, means, np.nan)
 
 
 def _is_loss(key: str) -> bool:
@@ -159,7 +169,7 @@ def main(argv=None) -> None:
         out = picture_path(args.out) if args.out else os.path.join(os.path.dirname(os.path.abspath(args.metrics)),
                                                                     "metrics.png")
         plot_metrics(args.metrics, out, args.smooth, args.title)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a missing file, a bad --out (a dangling link, a name too long)
         sys.exit(f"plot_metrics.py: error: {e}")
     print(f"wrote {out}")
 
