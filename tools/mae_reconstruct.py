@@ -62,6 +62,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if os.path.isdir(args.output):
         parser.error(f"--output {args.output} is a folder; give the picture's file name, e.g. "
                      f"{os.path.join(args.output, 'reconstruction.png')}")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    while not os.path.lexists(parent):  # the folders still to be made end at an existing path
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        parser.error(f"--output {args.output}: {parent} is not a folder, so no picture can be written below it")
     extension = os.path.splitext(args.output)[1].lower()
     if Image.registered_extensions().get(extension) not in Image.SAVE:
         parser.error(f"--output {args.output}: {extension or 'no extension'} is not a picture format PIL writes; "

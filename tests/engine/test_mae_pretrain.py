@@ -183,8 +183,11 @@ def test_the_reconstruction_tool_names_bad_inputs_and_skips_unreadable_images(un
     (["--output", "{tmp}/r.xyz"], "--output {tmp}/r.xyz: .xyz is not a picture format PIL writes"),
     (["--max-images", "0"], "--max-images must be >= 1, got 0"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-], ids=["folder", "extension", "max_images", "device"])
+    (["--output", "{tmp}/model.pth/sheets/r.png"], "--output {tmp}/model.pth/sheets/r.png: {tmp}/model.pth is not a "
+                                                   "folder, so no picture can be written below it"),
+], ids=["folder", "extension", "max_images", "device", "below-a-file"])
 def test_the_reconstruction_tool_refuses_bad_arguments_before_loading_anything(tmp_path, capsys, argv, message):
+    (tmp_path / "model.pth").write_bytes(b"weights")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     with pytest.raises(SystemExit) as stop:
         mae_reconstruct.parse_args(["image.png", "--config-file", MAE_B, "--checkpoint", "c.pth", *argv])
