@@ -127,6 +127,12 @@ def test_infer_matches_ground_truth_images_of_one_name_by_their_folders(setup, t
     with pytest.raises(infer.InferenceError) as error:
         infer.ground_truth_ids(inputs, str(one))
     assert str(error.value) == f"{inputs[0]} and {inputs[1]} are both image 7 (x.png) of {one}; give each image once"
+    # A linked folder is matched by what it links to; Windows file_names by their folders too.
+    (tmp_path / "linked").symlink_to(data / "b")
+    assert infer.ground_truth_ids([str(tmp_path / "linked" / "x.png")], str(two))[0] == [101]
+    backslashed = tmp_path / "backslashed.json"
+    backslashed.write_text(two.read_text().replace("a/x.png", "a\\\\x.png").replace("b/x.png", "b\\\\x.png"))
+    assert infer.ground_truth_ids(inputs[::-1], str(backslashed))[0] == [101, 100]
 
 
 def test_infer_without_ground_truth_numbers_images_in_order(setup, tmp_path):

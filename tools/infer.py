@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -123,22 +124,25 @@ def ground_truth_ids(paths: List[str], coco_json: str) -> Tuple[List[int], Dict[
             coco = json.load(f)
         by_name: Dict[str, List[Tuple[List[str], int, str]]] = {}  # base name -> (parts, id, file_name)
         for image in coco["images"]:
-            parts = [part for part in image["file_name"].split("/") if part not in ("", ".")]  # "./a//x.jpg"
+            # "./a//x.jpg", and "a\\x.jpg" as Windows tools write it
+            parts = [part for part in re.split(r"[\\/]", image["file_name"]) if part not in ("", ".")]
             if parts:
                 by_name.setdefault(parts[-1], []).append((parts, image["id"], image["file_name"]))
         categories = sorted(coco["categories"], key=lambda c: c["id"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InferenceError(f"--coco-json {coco_json} is not a COCO annotation file (JSON with 'images' and "
                              f"'categories'): {type(e).__name__}: {e}") from None
-    missing = [p for p in paths if os.path.basename(p) not in by_name]
+    missing = [p for p in paths if os.path.basename(p) not in by_name]  # (what a link points to is not looked for)
     if missing:
         raise InferenceError(f"{len(missing)} images are not in {coco_json}, e.g. {missing[0]}")
     image_ids, file_names, owners = [], [], {}  # owners: image id -> the input given as that image
     for path in paths:
-        parts = os.path.abspath(path).split(os.sep)  # its folders and name, "." and ".." resolved
+        # Its folders and name as given ("." and ".." resolved) and as stored (through links: a
+        # linked folder "data" may be the json's "val2017"); a json image fits by the better one.
+        given, stored = os.path.abspath(path).split(os.sep), os.path.realpath(path).split(os.sep)
         candidates = by_name[os.path.basename(path)]
-        best = max(_common_tail(parts, c[0]) for c in candidates)
-        fitting = [c for c in candidates if _common_tail(parts, c[0]) == best]
+        fits = [max(_common_tail(given, c[0]), _common_tail(stored, c[0])) for c in candidates]
+        fitting = [c for c, fit in zip(candidates, fits) if fit == max(fits)]
         if len(fitting) > 1:
             raise InferenceError(f"{path} fits {len(fitting)} images of {coco_json} equally well "
                                  f"({', '.join(c[2] for c in fitting)}); give it by a path whose folders tell "
