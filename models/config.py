@@ -5,6 +5,7 @@ detectron2's ``LazyConfig.apply_overrides`` accepts any key and any value: a typ
 or bool given a string, and a value given to a group of keys are errors that name them. The
 launcher, ``tools/infer.py`` and ``tools/benchmark.py`` all load configs this way.
 """
+import glob
 import inspect
 import os
 from typing import List, Sequence
@@ -26,6 +27,9 @@ def apply_overrides(cfg, overrides: List[str]):
     """
     for override in overrides:
         key, sep, _ = override.partition("=")
+        if not sep and override.startswith("-"):  # argparse gave it to the overrides, which take every word after them
+            raise ValueError(f"'{override}' comes after the key=value overrides, which take every word after "
+                             "them; put options before the overrides")
         if not sep:
             raise ValueError(f"override '{override}' is not of the form key=value")
         key = key.strip().lstrip("+")
@@ -76,6 +80,10 @@ def _check_new_key(cfg, key: str) -> None:
 
 def load_config(config_file: str, overrides: Sequence[str] = ()):
     """Load a LazyConfig file and apply command-line overrides."""
+    if os.path.isdir(config_file):
+        found = sorted(glob.glob(os.path.join(config_file, "**", "*.py"), recursive=True))[:3]
+        raise FileNotFoundError(f"config file {config_file!r} is a folder; give one of its .py files"
+                                + (f", e.g. {', '.join(found)}" if found else ""))
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file!r} (see configs/ for the available ones)")
     cfg = LazyConfig.load(config_file)

@@ -33,6 +33,10 @@ def toy(tmp_path_factory, toy_coco_writer, dataset_overrides):
 @pytest.mark.parametrize("argv, error, message", [
     (["--config-file", "configs/no_such_config.py"], FileNotFoundError,
      r"config file not found: 'configs/no_such_config.py'"),
+    (["--config-file", "configs/demo"], FileNotFoundError,
+     r"config file 'configs/demo' is a folder; give one of its .py files, e.g. configs/demo/mimdet_shapes.py"),
+    (["--config-file", TINY, "train.max_iter=3", "--resume"], ValueError,
+     r"'--resume' comes after the key=value overrides, which take every word after them; put options before"),
     (["--config-file", TINY, "train.max_iters=3"], KeyError, r"unknown config key 'train.max_iters'"),
     (["--config-file", TINY, "train.max_iter=three"], ValueError, r"train.max_iter is int \(4\), got 'three'"),
     (["--config-file", TINY, "--num-gpus", "2"], SystemExit,
