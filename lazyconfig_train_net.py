@@ -129,9 +129,10 @@ def log_traceback_to_files() -> None:
 if __name__ == "__main__":
     try:
         cli()
-    except (ValueError, KeyError, OSError, RunFolderBusy) as e:  # bad overrides, configs, files, folders
-        if work_started():  # training or evaluation had begun: perhaps a fault of the code
+    except (ValueError, KeyError, OSError, RunFolderBusy, AssertionError) as e:  # bad overrides, configs, files
+        if work_started() or (isinstance(e, AssertionError) and not _launched):  # perhaps a fault of the code
             raise
         if _launched:  # refused while the run was set up: its log file keeps the traceback
             log_traceback_to_files()
-        sys.exit(f"lazyconfig_train_net.py: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
+        sys.exit(f"lazyconfig_train_net.py: error: {message}")

@@ -321,6 +321,8 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         raise ValueError(f"{where} is not valid JSON: {e}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{where} is not a text (JSON) file: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{where} is not valid JSON that Python reads: its lists or objects nest too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a COCO json object with images, annotations and categories, "
                          f"found a {type(data).__name__}")
@@ -329,6 +331,8 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         raise ValueError(f"{where}: no list of {', '.join(missing)} (a COCO instances json has images, "
                          "annotations and categories)")
     problems = _Problems()
+    if not data["categories"]:
+        problems.add("datasets without categories (the classes to detect)", "categories: []")
     categories = collections.Counter()
     for category in data["categories"]:
         if not isinstance(category, dict) or "id" not in category or "name" not in category:
@@ -376,6 +380,9 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         elif "id" in image:
             images[image["id"]] += 1
             sizes[image["id"]] = (image.get("height"), image.get("width"))
+    if len({type(image_id) for image_id in images}) > 1:  # detectron2 sorts the ids
+        example = next(image_id for image_id in images if isinstance(image_id, str))
+        problems.add("image ids that mix integers and strings (detectron2 sorts them)", f"image {example!r}")
     for image_id, count in images.items():
         if count > 1:
             problems.add("duplicate image ids (one image would take another's annotations)", f"image {image_id}")

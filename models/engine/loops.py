@@ -484,12 +484,12 @@ def do_train(args, cfg, seed: int) -> None:
     resume = checkpointer.find_resume_point() if args.resume else None
     if resume:
         checkpointer.check_fits_model()  # first: a changed architecture is no setting to go on with
-        saved_seed, given_seed = (resume.config or {}).get("train.seed", "-1"), settings.get("train.seed")
-        if given_seed == "-1" and saved_seed != "-1":  # -1 (the default): the run's own seed
-            settings["train.seed"] = saved_seed
-        elif saved_seed == "-1" and resume.seed is not None and given_seed == str(resume.seed):
-            settings["train.seed"] = "-1"  # the seed a -1 run drew, given as its log and config.yaml name it
-        check_resumed_config(resume.config, settings)
+        saved = dict(resume.config or {})
+        if saved.get("train.seed", "-1") == "-1" and resume.seed is not None:
+            saved["train.seed"] = str(resume.seed)  # the seed a -1 run drew, as its log and config.yaml name it
+        if settings.get("train.seed") == "-1" and saved.get("train.seed", "-1") != "-1":  # -1: the run's own
+            settings["train.seed"] = saved["train.seed"]
+        check_resumed_config(saved, settings)
         if resume.iteration + 1 > cfg.train.max_iter:
             raise ValueError(f"--resume: {resume.path} holds {resume.iteration + 1} iterations, more than "
                              f"train.max_iter={cfg.train.max_iter}; pass train.max_iter={resume.iteration + 1} "

@@ -296,6 +296,22 @@ def test_ids_and_names_that_are_not_keys_are_named_not_a_traceback(tmp_path):
     ]
 
 
+def test_mixed_id_types_no_categories_and_deep_nesting_are_named(tmp_path):
+    images = [dict(id=1, file_name="a.png", height=20, width=30),
+              dict(id="two", file_name="b.png", height=10, width=10)]
+    json_file = _small_coco(tmp_path, [], images=images)
+    assert _problems(json_file, False) == [
+        "  1 x image ids that mix integers and strings (detectron2 sorts them) (e.g. image 'two')"]
+    no_categories = tmp_path / "no_categories.json"
+    no_categories.write_text(json.dumps(dict(images=images[:1], annotations=[], categories=[])))
+    assert _problems(str(no_categories), False) == [
+        "  1 x datasets without categories (the classes to detect) (e.g. categories: [])"]
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"images": [], "annotations": [], "categories": [], "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match=r"is not valid JSON that Python reads: its lists or objects nest too deeply"):
+        validate_coco_json("deep", str(deep))
+
+
 def test_polygon_points_far_outside_their_image_are_named(tmp_path):
     """pycocotools rasterizes polygons in 32-bit integers: a coordinate of 1e8 or more makes it
     allocate without bound or crash; points within one image side around the image pass."""

@@ -101,7 +101,7 @@ def test_resume_continues_at_next_iteration(toy, trained):
 @pytest.mark.parametrize("change, messages", [
     ("optimizer.lr=0.05", ["--resume cannot apply these changes", "optimizer.lr: 0.0001 in the checkpoint, 0.05 now",
                            "train.init_checkpoint=<checkpoint> in another train.output_dir"]),
-    ("train.seed=3", ["--resume cannot apply these changes", "train.seed: -1 in the checkpoint, 3 now"]),
+    ("train.seed=3", ["--resume cannot apply these changes", "in the checkpoint, 3 now"]),
     ("model.roi_heads.box_head.fc_dims=[16]", ["model_final.pth: checkpoint is for another architecture",
                                               "roi_heads.box_head.fc1.weight: checkpoint ("]),
     # a layer more, or a layer less, with every shared entry of the same shape
@@ -148,6 +148,24 @@ def test_eval_only_prints_ap_and_writes_beside_the_training_run_not_over_it(toy,
     saved = yaml.unsafe_load((output_dir / "eval" / "config.yaml").read_text())
     assert saved["train"]["init_checkpoint"] == str(checkpoint)
     assert {name: (output_dir / name).read_bytes() for name in run_files} == run_files  # .lock too
+
+
+def test_a_training_set_without_annotations_is_one_line(tmp_path, toy_coco_writer):
+    """detectron2's loader asserts that a training set has annotations: refused while the run is
+    set up, so one line, the traceback in the run's log.txt."""
+    json_file = toy_coco_writer(tmp_path)
+    data = json.loads(json_file.read_text())
+    data["annotations"] = []
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps(data))
+    images = tmp_path / "images"
+    result = launch("--num-gpus", "1", f"datasets.register=[{{name:no_annotations,json_file:'{empty}',"
+                    f"image_root:'{images}'}},{{name:fine,json_file:'{json_file}',image_root:'{images}'}}]",
+                    "dataloader.train.dataset.names=no_annotations", "dataloader.test.dataset.names=fine",
+                    f"train.output_dir={tmp_path / 'out'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("lazyconfig_train_net.py: error: No valid data found in "
+                                                      "no_annotations.")
 
 
 def test_eval_only_names_an_eval_file_in_the_way(toy, trained, tmp_path):
