@@ -74,7 +74,7 @@ def register_coco_datasets(specs: Iterable[Mapping]) -> List[str]:
                     f"dataset name '{name}' is already registered (with json_file {registered}); "
                     "choose another name"
                 )
-            logger.info("Dataset '%s' already registered with %s", name, json_file)
+            logger.debug("Dataset '%s' is registered with %s already", name, json_file)  # the launcher's second pass
         else:
             register_coco_instances(name, {}, json_file, image_root)
             logger.info("Registered COCO-format dataset '%s': %s, images in %s", name, json_file, image_root)
