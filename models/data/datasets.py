@@ -181,6 +181,13 @@ def _id(value: Any) -> bool:
 _MAX_SIDE = 100_000
 
 
+def _valid_side(value: Any) -> bool:
+    """An image side as detectron2 needs it: an int up to _MAX_SIDE. detectron2 pastes masks into
+    tensors of the image's sides, which a float (221.0) makes fail at the end of a run, in its
+    final evaluation."""
+    return type(value) is int and 0 < value <= _MAX_SIDE
+
+
 def _short(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters for an example in a problem report."""
     text = repr(value)
@@ -367,9 +374,7 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
         if lacking:
             problems.add(f"images without {'/'.join(lacking)}", f"image {which}")
         for key in ("height", "width"):
-            # An int: detectron2 pastes masks into tensors of these sides, which a float (221.0)
-            # makes fail at the end of a run, in its final evaluation.
-            if key in image and not (type(image[key]) is int and 0 < image[key] <= _MAX_SIDE):
+            if key in image and not _valid_side(image[key]):
                 problems.add(f"images whose {key} is not an integer from 1 to {_MAX_SIDE}",
                              f"image {which}: {_short(image[key])}")
         if "file_name" in image and not (isinstance(image["file_name"], str) and image["file_name"]):
@@ -446,7 +451,7 @@ def validate_coco_json(name: str, json_file: str, for_evaluation: bool = False) 
 
 def _known_size(size: Optional[Tuple[Any, Any]]) -> Optional[Tuple[int, int]]:
     """(height, width) if both are valid image sides, else None (their problem is reported)."""
-    if size is None or not all(type(v) is int and 0 < v <= _MAX_SIDE for v in size):
+    if size is None or not all(_valid_side(v) for v in size):
         return None
     return size
 

@@ -486,7 +486,7 @@ def do_train(args, cfg, seed: int) -> None:
         checkpointer.check_fits_model()  # first: a changed architecture is no setting to go on with
         saved = dict(resume.config or {})
         if saved.get("train.seed", "-1") == "-1" and resume.seed is not None:
-            saved["train.seed"] = str(resume.seed)  # the seed a -1 run drew, as its log and config.yaml name it
+            saved["train.seed"] = str(resume.seed)  # what a -1 run drew, as its log and config.yaml name it
         if settings.get("train.seed") == "-1" and saved.get("train.seed", "-1") != "-1":  # -1: the run's own
             settings["train.seed"] = saved["train.seed"]
         check_resumed_config(saved, settings)

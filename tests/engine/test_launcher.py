@@ -196,7 +196,7 @@ def test_a_drawn_seed_repeats_its_run_when_given(toy, trained, tmp_path):
     resumed = torch.load(tmp_path / "model_final.pth", weights_only=True)
     assert resumed["iteration"] == 4 and resumed["seed"] == int(drawn.group(1))
     assert resumed["config"]["train.seed"] == drawn.group(1)
-    assert "this run's seed is" not in result.stdout + result.stderr  # only the seed it goes on with is named
+    assert "this run's seed is" not in result.stdout + result.stderr  # only the run's own, kept one is named
     assert f"--resume: the run's seed is {drawn.group(1)}, from its checkpoint" in result.stdout + result.stderr
     # The -1 run's config.yaml names the drawn seed, and the run resumes with it given.
     assert yaml.unsafe_load((output_dir / "config.yaml").read_text())["train"]["seed"] == int(drawn.group(1))
