@@ -124,6 +124,21 @@ def content_checksum(data: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def _load_error_message(path: str, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to load the file with
+    ``weights_only=False`` (which runs whatever code the file holds)."""
+    text = str(error).strip()
+    if isinstance(error, EOFError) or "unexpected EOF" in text or "truncated" in text:
+        return (f"{path} is truncated or damaged: its data ends early ({os.path.getsize(path):,} bytes); copy or "
+                "download it again")
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:  # the reason, after torch's paragraph of advice
+            text = line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
+            break
+    reason = text.splitlines()[0] if text else type(error).__name__
+    return f"{path} is not a PyTorch checkpoint that can be read safely ({reason})"
+
+
 def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Read a torch checkpoint on the CPU with ``weights_only=True``, allowing ``argparse.Namespace``.
 
@@ -140,9 +155,14 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as f:
-            if f.read(1) != b"\x80":  # every pickle torch writes starts with its PROTO opcode
-                raise ValueError(f"{path} is not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle "
-                                 "(legacy torch.save)")
+            head = f.read(4)
+        if head == b"PK\x03\x04":  # a zip's first entry, without the directory a zip ends with
+            raise ValueError(f"{path} is truncated or damaged: it starts as a zip archive (torch.save) but its "
+                             f"end is missing or unreadable ({os.path.getsize(path):,} bytes); copy or download "
+                             "it again")
+        if head[:1] != b"\x80":  # every pickle torch writes starts with its PROTO opcode
+            raise ValueError(f"{path} is not a PyTorch checkpoint: neither a zip archive (torch.save) nor a pickle "
+                             "(legacy torch.save)")
     if is_zip:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -156,8 +176,7 @@ def load_checkpoint_file(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     except Exception as e:
         if not is_zip:  # a legacy/plain pickle: name what it would have imported, beyond tensor rebuilding
             _refuse_code(path, [n for n in _pickle_globals(path) if not n.startswith(_TENSOR_GLOBALS)])
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a PyTorch checkpoint that can be read safely ({first_line})") from e
+        raise ValueError(_load_error_message(path, e)) from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, found {type(data).__name__}")
     if CHECKSUM_KEY in data:
