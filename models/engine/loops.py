@@ -547,6 +547,19 @@ def do_train(args, cfg, seed: int) -> None:
         raise
 
 
+def environment_info() -> str:
+    """detectron2's environment table, without the warning that torch.utils.cpp_extension logs
+    when it is first imported on a machine without CUDA ("No CUDA runtime is found"): that import
+    happens inside ``collect_env_info``, and on a CPU run the table already says there is no GPU."""
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        return collect_env_info()
+    finally:
+        cpp_logger.setLevel(level)
+
+
 def setup_run(cfg, args) -> int:
     """detectron2's ``default_setup`` (log files in ``train.output_dir``, environment and arguments
     logged, random generators seeded per process), without its copy of the config: the launcher
@@ -561,7 +574,7 @@ def setup_run(cfg, args) -> int:
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     setup_logger(output_dir, distributed_rank=rank)
     logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
-    logger.info("Environment info:\n%s", collect_env_info())
+    logger.info("Environment info:\n%s", environment_info())
     logger.info("Command line arguments: %s", args)
     with open(args.config_file) as f:
         logger.info("Contents of args.config_file=%s:\n%s", args.config_file, f.read())

@@ -400,3 +400,17 @@ def test_eval_only_refuses_a_checkpoint_of_other_class_names(toy, trained, tmp_p
         loops.check_classes(extra, cfg)
     loops.check_classes({"config": {"classes": "['red', 'blue']"}}, cfg)
     loops.check_classes({}, cfg)  # released checkpoints keep no classes
+
+
+def test_environment_table_logs_no_cuda_warning_on_cpu():
+    """detectron2's collect_env_info imports torch.utils.cpp_extension, which warns "No CUDA runtime
+    is found" on a CPU machine with a CUDA toolkit folder; the run's log shows the table without it."""
+    def stderr_of(call):
+        code = f"import models\nfrom models.engine import loops\nloops.{call}()"
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    if "No CUDA runtime" not in stderr_of("collect_env_info"):
+        pytest.skip("torch warns of no CUDA runtime only where it finds a CUDA toolkit and no GPU")
+    assert "No CUDA runtime" not in stderr_of("environment_info")
