@@ -50,7 +50,7 @@ def main(args) -> Optional[dict]:
     if args.num_cpu_processes and cfg.train.device != "cpu":
         logger.info("--num-cpu-processes: running on CPU (train.device=cpu).")
         cfg.train.device = "cpu"
-    prepare(cfg, eval_only=args.eval_only)
+    prepare(cfg, eval_only=args.eval_only, overrides=args.opts)
     if not args.eval_only:
         do_train(args, cfg, seed)
         return None

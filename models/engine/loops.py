@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import re
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from detectron2.config import LazyConfig, instantiate
@@ -286,11 +286,12 @@ def amp_dtype(cfg, evaluation: bool = False) -> Optional[torch.dtype]:
     return resolve_amp_dtype(enabled, cfg.train.amp.get("dtype", None), torch.device(cfg.train.device).type)
 
 
-def prepare(cfg, eval_only: bool = False) -> None:
+def prepare(cfg, eval_only: bool = False, overrides: Sequence[str] = ()) -> None:
     """Fit the config to this machine and to its datasets (call after :func:`setup_run`).
 
     Checks the AMP settings and that the datasets' files exist; the number of classes
-    follows the training set (the test set with ``eval_only``).
+    follows the training set (the test set with ``eval_only``), with a warning where
+    ``overrides`` (the command line's key=value list) asked for another number.
     """
     if not torch.cuda.is_available() and cfg.train.device != "cpu":
         logger.info("CUDA is not available: running on CPU (train.device=cpu).")
@@ -325,10 +326,18 @@ def prepare(cfg, eval_only: bool = False) -> None:
         names = cfg.dataloader["test" if eval_only else "train"].dataset.names
         classes = thing_classes(names)
         if len(classes) != roi_heads.num_classes:
-            logger.info(
-                "Dataset %s has %d classes: model.roi_heads.num_classes %d -> %d",
-                names, len(classes), roi_heads.num_classes, len(classes),
-            )
+            asked = any(item.split("=", 1)[0].strip() == "model.roi_heads.num_classes" for item in overrides)
+            if asked:
+                logger.warning(
+                    "model.roi_heads.num_classes=%s on the command line is replaced by %d: a detector's "
+                    "classes are those of its %s set's json (%s: %s)", roi_heads.num_classes, len(classes),
+                    "test" if eval_only else "training", names, ", ".join(map(str, classes)),
+                )
+            else:
+                logger.info(
+                    "Dataset %s has %d classes: model.roi_heads.num_classes %d -> %d",
+                    names, len(classes), roi_heads.num_classes, len(classes),
+                )
             roi_heads.num_classes = len(classes)
     if cfg.dataloader.get("evaluator", None) is not None:  # detectron2's EvalHook also evaluates at the end
         check_test_set(cfg, eval_only)

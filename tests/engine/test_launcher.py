@@ -320,6 +320,34 @@ def test_prepare_says_what_a_cpu_without_native_bf16_runs(toy, monkeypatch, dtyp
     assert cfg.train.amp.dtype == dtype  # "dtype=None" reaches the config as None, not the string 'None'
 
 
+@pytest.mark.parametrize("asked", [False, True], ids=["config_default", "command_line"])
+def test_a_class_count_asked_for_on_the_command_line_is_replaced_with_a_warning(toy, asked):
+    """The classes follow the training json; an explicit model.roi_heads.num_classes=N that
+    disagrees is named in a warning (with the json's classes), a config default in an info line."""
+    _, overrides = toy
+    extra = ["model.roi_heads.num_classes=5"] if asked else []
+    cfg = load_config(TINY, [*overrides, "train.device=cpu", *extra])
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    level = loops.logger.level
+    loops.logger.addHandler(handler)  # detectron2's logger does not propagate to pytest's caplog
+    loops.logger.setLevel(logging.INFO)
+    try:
+        loops.prepare(cfg, overrides=[*overrides, *extra])
+    finally:
+        loops.logger.removeHandler(handler)
+        loops.logger.setLevel(level)
+    assert cfg.model.roi_heads.num_classes == 2
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING and "num_classes" in r.getMessage()]
+    if asked:
+        assert len(warned) == 1 and "num_classes=5 on the command line is replaced by 2" in warned[0]
+        assert "training set's json" in warned[0]
+    else:
+        assert warned == []
+        assert any("num_classes 80 -> 2" in r.getMessage() for r in records)
+
+
 @pytest.mark.parametrize("eval_autocast, dtype", [(None, torch.float32), (True, torch.bfloat16)],
                          ids=["default_fp32", "explicit_autocast"])
 def test_evaluation_precision(toy, monkeypatch, eval_autocast, dtype):
