@@ -463,9 +463,13 @@ def check_image_sizes(name: str, records: Sequence[Mapping]) -> None:
 
     wrong = _Problems()
     for record in records:
-        with Image.open(record["file_name"]) as image:
-            width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation: 5-8 swap the sides
+        try:
+            with Image.open(record["file_name"]) as image:
+                width, height = image.size
+                orientation = image.getexif().get(0x0112, 1)  # EXIF Orientation: 5-8 swap the sides
+        except (OSError, SyntaxError, ValueError) as e:  # not an image, or cut short within its header
+            wrong.add("images that cannot be read", f"{os.path.basename(record['file_name'])}: {e}")
+            continue
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         if (height, width) != (record.get("height"), record.get("width")):
@@ -473,7 +477,8 @@ def check_image_sizes(name: str, records: Sequence[Mapping]) -> None:
                       f"{os.path.basename(record['file_name'])}: {height}x{width} read, "
                       f"{record.get('height')}x{record.get('width')} in the json")
     if wrong.counts:
-        raise ValueError(f"dataset '{name}': evaluation needs every image at its annotated size:\n{wrong.report()}")
+        raise ValueError(f"dataset '{name}': evaluation needs every image readable and at its annotated size:\n"
+                         f"{wrong.report()}")
 
 
 def _box_problem(annotation: Mapping) -> Optional[str]:
@@ -578,7 +583,11 @@ def drop_degenerate_annotations(records: Sequence[dict], need_masks: bool = Fals
 
 
 class InstanceDatasetMapper(DatasetMapper):
-    """detectron2's ``DatasetMapper`` that drops an annotation its transforms fail on.
+    """detectron2's ``DatasetMapper`` that names the image it cannot read and drops an annotation
+    its transforms fail on.
+
+    An image that cannot be read raises ``OSError`` naming its file (PIL's own message for a
+    truncated file does not), so an evaluation stopped by one says which.
 
     detectron2 transforms all annotations of an image in one go, so one annotation that a
     transform cannot handle (a polygon shapely cannot crop, say) would stop training. Here
@@ -592,6 +601,15 @@ class InstanceDatasetMapper(DatasetMapper):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.failed = 0
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        try:
+            return super().__call__(dataset_dict)
+        except OSError as e:  # PIL: missing, truncated or not an image
+            name = dataset_dict.get("file_name")
+            if name and str(name) in str(e):
+                raise
+            raise type(e)(f"cannot read image {name}: {e}") from e
 
     def _drop(self, annotation: dict, dataset_dict: dict, why: str) -> None:
         self.failed += 1

@@ -345,3 +345,50 @@ def test_test_images_of_another_size_than_annotated_are_named(coco_quirks):
     rotated["height"], rotated["width"] = rotated["width"], rotated["height"]  # the stored, unrotated size
     with pytest.raises(ValueError, match=r"1 x images of another size than the json says \(e.g. exif_rotated.jpg: "):
         check_image_sizes("quirks", records)
+
+
+def _damaged_copy(image_root, tmp_path, damage):
+    """A copy of the quirks images in which ``damage(folder)`` spoils some files."""
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_root, folder)
+    damage(folder)
+    return folder
+
+
+def test_unreadable_test_images_are_all_named_with_their_dataset(coco_quirks, tmp_path):
+    json_file, image_root = coco_quirks
+    names = sorted(os.listdir(image_root))
+
+    def damage(folder):
+        (folder / names[0]).write_bytes((folder / names[0]).read_bytes()[:40])  # cut inside its header
+        (folder / names[1]).write_text("not an image")
+
+    folder = _damaged_copy(image_root, tmp_path, damage)
+    records = load_coco_json(str(json_file), str(folder))
+    with pytest.raises(ValueError, match=r"dataset 'quirks': evaluation needs every image readable") as error:
+        check_image_sizes("quirks", records)
+    assert "2 x images that cannot be read" in str(error.value)
+    assert f"{names[0]}: " in str(error.value) and f"{names[1]}: " in str(error.value)
+
+
+def test_the_test_mapper_names_an_image_it_cannot_decode(coco_quirks, tmp_path):
+    """A JPEG cut after its header passes the header check; the test loader's mapper then names it."""
+    from detectron2.config import instantiate
+
+    json_file, image_root = coco_quirks
+    jpeg = sorted(name for name in os.listdir(image_root) if name.endswith(".jpg"))[0]
+
+    def damage(folder):
+        data = (folder / jpeg).read_bytes()
+        (folder / jpeg).write_bytes(data[: len(data) // 2])
+
+    folder = _damaged_copy(image_root, tmp_path, damage)
+    records = load_coco_json(str(json_file), str(folder))
+    check_image_sizes("quirks", records)  # headers only: the cut is past them
+    mapper = instantiate(load_config(TINY).dataloader.test.mapper)
+    record = next(r for r in records if r["file_name"].endswith(jpeg))
+    with pytest.raises(OSError, match=rf"cannot read image .*{jpeg}: "):
+        mapper(dict(record))
+    assert mapper(dict(next(r for r in records if r is not record)))["image"].ndim == 3  # others map

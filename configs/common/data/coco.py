@@ -7,7 +7,7 @@ run's seed and the iteration to start at, so a resumed run sees the batches and
 augmentations an uninterrupted one would."""
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
-from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
@@ -48,7 +48,7 @@ dataloader.train = L(build_resumable_train_loader)(
 
 dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
-    mapper=L(DatasetMapper)(
+    mapper=L(InstanceDatasetMapper)(  # detectron2's DatasetMapper, naming an image it cannot read
         is_train=False,
         augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
         image_format="${...train.mapper.image_format}",
