@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from typing import List, Optional
 
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
@@ -33,7 +34,7 @@ from detectron2.utils.logger import setup_logger
 
 from models.checkpoint import SafeDetectionCheckpointer
 from models.config import load_config
-from models.engine.launch import TORCHRUN_VARS, check_num_gpus, launch
+from models.engine.launch import TORCHRUN_VARS, WORKER_REFUSED, check_num_gpus, in_spawned_worker, launch
 from models.engine.loops import (build_model, check_classes, check_data_files, check_start_weights, do_test, do_train,
                                  evaluation_folder, prepare, save_config, setup_run, work_started, wrap_ddp)
 from models.engine.run_folder import RunFolderBusy, hold_run_folder
@@ -110,7 +111,7 @@ def cli(argv: Optional[List[str]] = None) -> None:
                              keep=starts_from) if holds_folder else contextlib.nullcontext()
     with folder:
         _launched = True
-        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+        launch(worker_main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,), num_cpu_processes=args.num_cpu_processes)
 
 
@@ -126,13 +127,38 @@ def log_traceback_to_files() -> None:
             handler.handle(record)
 
 
+# Errors that refuse a run before its work starts (bad overrides, configs, files, a busy folder):
+# one line on the console, not a traceback.
+REFUSALS = (ValueError, KeyError, OSError, RunFolderBusy, AssertionError)
+
+
+def refusal_line(error: BaseException) -> str:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error) or type(error).__name__
+    rank = f" (process {comm.get_rank()})" if comm.get_world_size() > 1 and comm.get_rank() else ""
+    return f"lazyconfig_train_net.py: error{rank}: {message}"
+
+
+def worker_main(args) -> Optional[dict]:
+    """``main`` in a process that launch() started: a run refused while it is set up prints one
+    line, keeps the traceback in its log file and exits with ``WORKER_REFUSED``."""
+    try:
+        return main(args)
+    except REFUSALS as e:
+        if not in_spawned_worker() or work_started():
+            raise
+        log_traceback_to_files()
+        if comm.get_rank():  # rank 0 likely refuses the same way: its line alone, unless it carries on
+            time.sleep(2.0)  # (the launching process ends the others once one process has exited)
+        print(refusal_line(e), file=sys.stderr, flush=True)
+        sys.exit(WORKER_REFUSED)
+
+
 if __name__ == "__main__":
     try:
         cli()
-    except (ValueError, KeyError, OSError, RunFolderBusy, AssertionError) as e:  # bad overrides, configs, files
+    except REFUSALS as e:
         if work_started() or (isinstance(e, AssertionError) and not _launched):  # perhaps a fault of the code
             raise
         if _launched:  # refused while the run was set up: its log file keeps the traceback
             log_traceback_to_files()
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
-        sys.exit(f"lazyconfig_train_net.py: error: {message}")
+        sys.exit(refusal_line(e))

@@ -13,6 +13,9 @@ warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", ca
 # detectron2's anchor generator calls torch.meshgrid without `indexing`, meaning the "ij" it wants;
 # PyTorch warns that the argument will be required, once in every training or inference log.
 warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release", category=UserWarning)
+# detectron2's all_gather (the evaluator's and the loss check's, with several processes) serializes
+# through torch.ByteStorage, which PyTorch warns is deprecated, in every process.
+warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
 
 # PyTorch's CPU convolutions (oneDNN) compile one primitive per layer, pass and input shape and
 # keep 1,024 of them. Detection inputs vary in shape (image sizes, RoI counts), which overflows

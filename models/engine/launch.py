@@ -21,11 +21,21 @@ import torch.multiprocessing as mp
 
 from detectron2.utils import comm
 
-__all__ = ["launch", "check_num_gpus", "free_port_url", "kill_me_with_parent", "TORCHRUN_VARS"]
+__all__ = ["launch", "check_num_gpus", "free_port_url", "kill_me_with_parent", "in_spawned_worker", "TORCHRUN_VARS",
+           "WORKER_REFUSED"]
 
 logger = logging.getLogger(__name__)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+# Exit status of a worker process that refused to run and has printed why: the launching process
+# then exits with an error of its own, without torch's report of the worker's traceback.
+WORKER_REFUSED = 3
+_spawned_worker = False
+
+
+def in_spawned_worker() -> bool:
+    """Whether this is one of the processes that :func:`launch` started."""
+    return _spawned_worker
 
 
 def free_port_url() -> str:
@@ -90,6 +100,8 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _worker(local_rank: int, main_func: Callable, backend: str, world_size: int, num_per_machine: int,
             machine_rank: int, dist_url: str, args: Tuple, timeout: timedelta, parent_pid: int) -> None:
+    global _spawned_worker
+    _spawned_worker = True
     _die_with_parent(parent_pid)
     rank = machine_rank * num_per_machine + local_rank
     if backend == "nccl":
@@ -144,6 +156,16 @@ def launch(main_func: Callable, num_gpus_per_machine: int, num_machines: int = 1
         dist_url = free_port_url()
     logger.info("Starting %d %s process(es) on this machine (world size %d, %s)", per_machine,
                 "CPU" if backend == "gloo" else "GPU", world_size, backend)
-    mp.start_processes(_worker, nprocs=per_machine, start_method="spawn", daemon=False,
-                       args=(main_func, backend, world_size, per_machine, machine_rank, dist_url, args, timeout,
-                             os.getpid()))
+    spawn_logger = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_logger.level
+    spawn_logger.setLevel(logging.ERROR)  # not "Terminating process N via signal SIGTERM" after one failed
+    try:
+        mp.start_processes(_worker, nprocs=per_machine, start_method="spawn", daemon=False,
+                           args=(main_func, backend, world_size, per_machine, machine_rank, dist_url, args, timeout,
+                                 os.getpid()))
+    except mp.ProcessExitedException as e:
+        if e.exit_code == WORKER_REFUSED:  # the worker has said why
+            raise SystemExit(1) from None
+        raise
+    finally:
+        spawn_logger.setLevel(level)

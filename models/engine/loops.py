@@ -4,6 +4,7 @@ evaluate. ``lazyconfig_train_net.py`` parses arguments and calls these.
 """
 import contextlib
 import copy
+import inspect
 import json
 import logging
 import math
@@ -12,6 +13,7 @@ import re
 from typing import List, Optional, Sequence
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_writers, hooks
@@ -451,6 +453,12 @@ def wrap_ddp(cfg, model: torch.nn.Module) -> torch.nn.Module:
     kwargs = dict(cfg.train.ddp)
     if cfg.train.device == "cpu":
         kwargs["device_ids"] = None  # DDP of a CPU module
+    renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    if "broadcast_buffers" in kwargs and renamed:
+        # PyTorch renamed it and warns on the old name. The new one also copies rank 0's buffers
+        # once at the start (as DDP always does with the parameters), which changes nothing here:
+        # the buffers (norm statistics, fixed position tables) are the same in every process then.
+        kwargs["forward_sync_buffers"] = kwargs.pop("broadcast_buffers")
     return create_ddp_model(model, **kwargs)
 
 

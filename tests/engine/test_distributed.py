@@ -69,6 +69,24 @@ def test_two_cpu_processes_keep_identical_weights_after_every_step(ddp_run):
     for record in replicas:
         assert len(record["digests"]) == 2 and record["digests"][0] == record["digests"][1], record
     assert replicas[0]["digests"][0] != replicas[-1]["digests"][0]  # the weights did change
+    # Neither DDP's renamed broadcast_buffers nor detectron2's all_gather warns in every process.
+    assert "FutureWarning" not in log and "TypedStorage is deprecated" not in log
+
+
+def test_a_refused_resume_of_two_processes_is_one_line(ddp_run, toy):
+    """A run refused while its processes set up: one error line (not torch's report of a worker's
+    traceback, not one line per process), exit status 1; the traceback stays in the log file."""
+    output_dir, _, _ = ddp_run
+    log_before = (output_dir / "log.txt").read_text()
+    result = run("--num-cpu-processes", "2", "--resume", *toy, f"train.output_dir={output_dir}",
+                 "optimizer.lr=0.5", module=("lazyconfig_train_net.py",))
+    assert result.returncode == 1, result.stdout[-4000:]
+    errors = [line for line in result.stdout.splitlines() if line.startswith("lazyconfig_train_net.py: error")]
+    assert len(errors) == 1 and "--resume cannot apply these changes" in errors[0], result.stdout[-4000:]
+    assert "Traceback" not in result.stdout and "ProcessRaisedException" not in result.stdout
+    assert "SIGTERM" not in result.stdout
+    log_after = (output_dir / "log.txt").read_text()
+    assert log_after.startswith(log_before) and "Traceback" in log_after[len(log_before):]
 
 
 def test_syncbn_runs_over_gloo_with_one_log_line(ddp_run):
