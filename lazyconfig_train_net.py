@@ -37,6 +37,7 @@ from models.config import load_config
 from models.engine.launch import TORCHRUN_VARS, WORKER_REFUSED, check_num_gpus, in_spawned_worker, launch
 from models.engine.loops import (build_model, check_classes, check_data_files, check_start_weights, do_test, do_train,
                                  evaluation_folder, prepare, save_config, setup_run, work_started, wrap_ddp)
+from models.engine.resume import NoReadableCheckpoint
 from models.engine.run_folder import RunFolderBusy, hold_run_folder
 
 logger = logging.getLogger("detectron2")
@@ -127,9 +128,10 @@ def log_traceback_to_files() -> None:
             handler.handle(record)
 
 
-# Errors that refuse a run before its work starts (bad overrides, configs, files, a busy folder):
+# Errors that refuse a run before its work starts (bad overrides, configs, files, a busy folder,
+# a --resume without a readable checkpoint):
 # one line on the console, not a traceback.
-REFUSALS = (ValueError, KeyError, OSError, RunFolderBusy, AssertionError)
+REFUSALS = (ValueError, KeyError, OSError, RunFolderBusy, NoReadableCheckpoint, AssertionError)
 
 
 def refusal_line(error: BaseException) -> str:

@@ -124,13 +124,30 @@ def content_checksum(data: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def _legacy_pickles_cut(path: str, count: int = 5) -> bool:
+    """Whether the file ends inside one of its first ``count`` pickles (torch's legacy format
+    starts with five: magic number, protocol, system info, the object, its storage keys)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        for _ in range(count):
+            if f.tell() >= size:  # ended between pickles
+                return False
+            try:
+                for _ in pickletools.genops(f):
+                    pass
+            except Exception:  # noqa: BLE001  (a pickle that does not parse: cut if it reached the end)
+                return f.tell() >= size
+    return False
+
+
 def _load_error_message(path: str, error: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` failed, without torch's advice to load the file with
     ``weights_only=False`` (which runs whatever code the file holds)."""
     text = str(error).strip()
-    if isinstance(error, EOFError) or "unexpected EOF" in text or "truncated" in text:
-        return (f"{path} is truncated or damaged: its data ends early ({os.path.getsize(path):,} bytes); copy or "
-                "download it again")
+    cut = isinstance(error, EOFError) or any(s in text for s in ("unexpected EOF", "truncated", "wrong byte size"))
+    if cut or (not zipfile.is_zipfile(path) and _legacy_pickles_cut(path)):
+        return (f"{path} is truncated or damaged: its data ends early or does not read back "
+                f"({os.path.getsize(path):,} bytes); copy or download it again")
     for line in text.splitlines():
         if "WeightsUnpickler error:" in line:  # the reason, after torch's paragraph of advice
             text = line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
@@ -373,7 +390,19 @@ def load_mae_weights(model: nn.Module, path: Optional[PathOrState]) -> Optional[
     module = getattr(model, "module", model)  # (Distributed)DataParallel
     backbone = getattr(module, "backbone", module)
     bottom_up = getattr(backbone, "bottom_up", backbone)
-    return load_mae_into_backbone(bottom_up, path)
+    with _naming_file(path):
+        return load_mae_into_backbone(bottom_up, path)
+
+
+@contextlib.contextmanager
+def _naming_file(path: Any):
+    """Prefix a ValueError's message with the checkpoint file it is about, unless it names it."""
+    try:
+        yield
+    except ValueError as e:
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path) not in str(e):
+            raise ValueError(f"{os.fspath(path)}: {e}") from e
+        raise
 
 
 def resize_pos_tables(state: Dict[str, Any], model_state: Mapping[str, torch.Tensor],
@@ -441,6 +470,10 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, strict: bool = False, **checkpointables: Any) -> None:
         super().__init__(model, save_dir, **checkpointables)
         self.strict = strict
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        with _naming_file(path):
+            return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):

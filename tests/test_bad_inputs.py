@@ -79,13 +79,15 @@ def test_checkpoint_of_another_architecture_is_refused(toy, tmp_path):
     model = instantiate(cfg.model)
     wider = instantiate(load_config(TINY, [*toy[1], "model.backbone.bottom_up.embed_dim=64"]).model)
     torch.save({"model": wider.state_dict()}, tmp_path / "wider.pth")
-    with pytest.raises(ValueError, match=r"another architecture: \d+ entries differ in shape: backbone\."
+    with pytest.raises(ValueError, match=r"wider\.pth: checkpoint is for another architecture: \d+ entries differ in "
+                                         r"shape: backbone\."
                                          r"fpn_lateral2\.weight: checkpoint \(64, 16, 1, 1\) vs model \(64, 24"):
         SafeDetectionCheckpointer(model).load(str(tmp_path / "wider.pth"))
     mae_like = {k.replace("backbone.bottom_up.encoder.", ""): v for k, v in model.state_dict().items()
                 if k.startswith("backbone.bottom_up.encoder.blocks.")}
     torch.save({"model": mae_like}, tmp_path / "mae_like.pth")
-    with pytest.raises(ValueError, match=r"another architecture \(an MAE checkpoint goes to mae_checkpoint.path\): "
+    with pytest.raises(ValueError, match=r"mae_like\.pth: checkpoint is for another architecture \(an MAE checkpoint "
+                                         r"goes to mae_checkpoint.path\): "
                                          r"it has 0% of the model's values"):
         SafeDetectionCheckpointer(model).load(str(tmp_path / "mae_like.pth"))
     fewer_classes = load_config(TINY, [*toy[1], "model.roi_heads.num_classes=5"]).model

@@ -328,7 +328,8 @@ def prepare(cfg, eval_only: bool = False, overrides: Sequence[str] = ()) -> None
         names = cfg.dataloader["test" if eval_only else "train"].dataset.names
         classes = thing_classes(names)
         if len(classes) != roi_heads.num_classes:
-            asked = any(item.split("=", 1)[0].strip() == "model.roi_heads.num_classes" for item in overrides)
+            asked = any(item.split("=", 1)[0].strip().lstrip("+") == "model.roi_heads.num_classes"
+                        for item in overrides)  # "+key=" and "++key=" set it too
             if asked:
                 logger.warning(
                     "model.roi_heads.num_classes=%s on the command line is replaced by %d: a detector's "

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, ListConfig
 from ..checkpoint import (SafeDetectionCheckpointer, check_same_architecture, fixed_pos_tables, summarize_names,
                           write_atomic)
 
-__all__ = ["ResumePoint", "ResumableCheckpointer", "MetricHistory", "drop_metrics_after",
+__all__ = ["ResumePoint", "NoReadableCheckpoint", "ResumableCheckpointer", "MetricHistory", "drop_metrics_after",
            "remove_partial_checkpoints", "flatten_config", "check_resumed_config"]
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ class ResumePoint:
     config: Optional[Dict[str, str]] = None
 
 
+class NoReadableCheckpoint(RuntimeError):
+    """``--resume`` into a folder whose checkpoints all fail to read."""
+
+
 class ResumableCheckpointer(SafeDetectionCheckpointer):
     """``SafeDetectionCheckpointer`` that finds a readable checkpoint to resume from.
 
@@ -130,7 +134,16 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
         found = sorted(glob.glob(os.path.join(self.save_dir, _CHECKPOINTS)), key=os.path.getmtime, reverse=True)
         if not self.has_checkpoint():
             return found
-        last = self.get_checkpoint_file()
+        try:
+            last = self.get_checkpoint_file()
+        except (OSError, UnicodeDecodeError) as e:
+            logger.warning("%s cannot be read (%s): ignored, resuming from the newest model_*.pth",
+                           os.path.join(self.save_dir, "last_checkpoint"), e)
+            return found
+        if os.path.basename(last) == "":
+            logger.warning("%s is empty: ignored, resuming from the newest model_*.pth",
+                           os.path.join(self.save_dir, "last_checkpoint"))
+            return found
         if os.path.dirname(os.path.realpath(last)) != os.path.realpath(self.save_dir):
             logger.warning("last_checkpoint names %s, outside %s: ignored (a run resumes only its own "
                            "checkpoints)", last, self.save_dir)
@@ -161,7 +174,7 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
             self._read = (path, data)
             return ResumePoint(path, iteration, data.get("seed"), data.get("config"))
         if candidates:
-            raise RuntimeError(
+            raise NoReadableCheckpoint(
                 f"--resume: none of the {len(candidates)} checkpoint(s) in {self.save_dir} can be read "
                 f"({', '.join(skipped)}); refusing to start from scratch over them. Move them away to start "
                 "a new run."

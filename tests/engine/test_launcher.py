@@ -320,12 +320,12 @@ def test_prepare_says_what_a_cpu_without_native_bf16_runs(toy, monkeypatch, dtyp
     assert cfg.train.amp.dtype == dtype  # "dtype=None" reaches the config as None, not the string 'None'
 
 
-@pytest.mark.parametrize("asked", [False, True], ids=["config_default", "command_line"])
+@pytest.mark.parametrize("asked", [None, "", "+", "++"], ids=["config_default", "command_line", "plus", "plus_plus"])
 def test_a_class_count_asked_for_on_the_command_line_is_replaced_with_a_warning(toy, asked):
     """The classes follow the training json; an explicit model.roi_heads.num_classes=N that
     disagrees is named in a warning (with the json's classes), a config default in an info line."""
     _, overrides = toy
-    extra = ["model.roi_heads.num_classes=5"] if asked else []
+    extra = [] if asked is None else [f"{asked}model.roi_heads.num_classes=5"]
     cfg = load_config(TINY, [*overrides, "train.device=cpu", *extra])
     records = []
     handler = logging.Handler(logging.INFO)
@@ -340,7 +340,7 @@ def test_a_class_count_asked_for_on_the_command_line_is_replaced_with_a_warning(
         loops.logger.setLevel(level)
     assert cfg.model.roi_heads.num_classes == 2
     warned = [r.getMessage() for r in records if r.levelno == logging.WARNING and "num_classes" in r.getMessage()]
-    if asked:
+    if asked is not None:
         assert len(warned) == 1 and "num_classes=5 on the command line is replaced by 2" in warned[0]
         assert "training set's json" in warned[0]
     else:
@@ -442,3 +442,18 @@ def test_environment_table_logs_no_cuda_warning_on_cpu():
     if "No CUDA runtime" not in stderr_of("collect_env_info"):
         pytest.skip("torch warns of no CUDA runtime only where it finds a CUDA toolkit and no GPU")
     assert "No CUDA runtime" not in stderr_of("environment_info")
+
+
+def test_resume_over_only_damaged_checkpoints_is_one_line(toy, tmp_path):
+    """--resume into a folder whose checkpoints all fail to read refuses to start over them, in one
+    line, and leaves them where they are."""
+    _, overrides = toy
+    damaged = tmp_path / "model_final.pth"
+    damaged.write_bytes(b"PK\x03\x04" + b"\0" * 100)  # a zip cut after its first header
+    result = launch("--resume", *overrides, f"train.output_dir={tmp_path}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lazyconfig_train_net.py: error: --resume: none of the 1 checkpoint(s) in {tmp_path} can be read "
+        "(model_final.pth); refusing to start from scratch over them. Move them away to start a new run.")
+    assert damaged.read_bytes() == b"PK\x03\x04" + b"\0" * 100

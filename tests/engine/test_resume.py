@@ -11,7 +11,8 @@ from torch import nn
 import models  # noqa: F401  (before detectron2)
 from detectron2.utils.events import EventStorage
 
-from models.engine.resume import MetricHistory, ResumableCheckpointer, drop_metrics_after, remove_partial_checkpoints
+from models.engine.resume import (MetricHistory, NoReadableCheckpoint, ResumableCheckpointer, drop_metrics_after,
+                                  remove_partial_checkpoints)
 
 
 def _checkpointer(directory, seed=None):
@@ -60,8 +61,19 @@ def test_no_checkpoint_is_a_new_run_but_unreadable_ones_are_never_overwritten(tm
     assert checkpointer.find_resume_point() is None
     (tmp_path / "model_0000001.pth").write_bytes(b"not a checkpoint")
     torch.save({"model": {}}, tmp_path / "model_final.pth")  # weights, but no training state
-    with pytest.raises(RuntimeError, match=r"none of the 2 checkpoint\(s\) .* refusing to start from scratch"):
+    with pytest.raises(NoReadableCheckpoint, match=r"none of the 2 checkpoint\(s\) .* refusing to start from scratch"):
         checkpointer.find_resume_point()
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not text", b"", b"\n"], ids=["not_utf8", "empty", "blank"])
+def test_an_unreadable_last_checkpoint_file_falls_back_to_the_newest_checkpoint(tmp_path, caplog, content):
+    checkpointer, _ = _checkpointer(tmp_path, seed=7)
+    checkpointer.save("model_0000003", iteration=3)
+    (tmp_path / "last_checkpoint").write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        point = checkpointer.find_resume_point()
+    assert (point.path, point.iteration) == (str(tmp_path / "model_0000003.pth"), 3)
+    assert "last_checkpoint" in caplog.text and "ignored, resuming from the newest model_*.pth" in caplog.text
 
 
 def test_partial_saves_are_removed(tmp_path):
