@@ -200,8 +200,9 @@ def test_a_test_set_that_cannot_be_evaluated_is_named_before_training(tmp_path, 
     cfg = load_config(TINY, [register, "dataloader.train.dataset.names=bad_val_train",
                                       "dataloader.test.dataset.names=bad_val_train"])
     (tmp_path / "train" / "images" / "003.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 of the 8 images of the test set bad_val_train do not exist "
-                                                r"\(e\.g\. .*003\.png\); evaluation needs every one"):
+    with pytest.raises(ValueError, match=r"dataset 'bad_val_train': evaluation needs every one of its 8 images, "
+                                         r"readable and at its annotated size:\n  1 x images that do not exist "
+                                         r"\(e\.g\. .*003\.png\)"):
         loops.prepare(cfg)
 
 

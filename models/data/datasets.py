@@ -134,13 +134,14 @@ _EXAMPLES = 3
 class _Problems:
     """Problems of one json, grouped by kind: each counted, the first few ids kept as examples."""
 
-    def __init__(self) -> None:
+    def __init__(self, examples: int = _EXAMPLES) -> None:
         self.counts: Dict[str, int] = collections.Counter()
         self.examples: Dict[str, List[str]] = collections.defaultdict(list)
+        self.max_examples = examples
 
     def add(self, kind: str, example: Any) -> None:
         self.counts[kind] += 1
-        if len(self.examples[kind]) < _EXAMPLES:
+        if len(self.examples[kind]) < self.max_examples:
             self.examples[kind].append(str(example))
 
     def report(self) -> str:
@@ -457,12 +458,19 @@ def _known_size(size: Optional[Tuple[Any, Any]]) -> Optional[Tuple[int, int]]:
 
 
 def check_image_sizes(name: str, records: Sequence[Mapping]) -> None:
-    """Raise ValueError, listing them with a count, if image files are not the size their
-    records say (after their EXIF orientation, as detectron2 reads them). Reads headers only."""
+    """Raise ValueError, listing them by kind with counts (up to 10 named of each), if image files
+    are missing, cannot be read or are not the size their records say (after their EXIF
+    orientation, as detectron2 reads them). Reads headers only."""
     from PIL import Image
 
-    wrong = _Problems()
+    wrong = _Problems(examples=10)
     for record in records:
+        if not os.path.exists(record["file_name"]):
+            wrong.add("images that do not exist", record["file_name"])
+            continue
+        if not os.path.isfile(record["file_name"]):
+            wrong.add("image paths that are not files (a folder, say)", record["file_name"])
+            continue
         try:
             with Image.open(record["file_name"]) as image:
                 width, height = image.size
@@ -477,8 +485,8 @@ def check_image_sizes(name: str, records: Sequence[Mapping]) -> None:
                       f"{os.path.basename(record['file_name'])}: {height}x{width} read, "
                       f"{record.get('height')}x{record.get('width')} in the json")
     if wrong.counts:
-        raise ValueError(f"dataset '{name}': evaluation needs every image readable and at its annotated size:\n"
-                         f"{wrong.report()}")
+        raise ValueError(f"dataset '{name}': evaluation needs every one of its {len(records)} images, readable and "
+                         f"at its annotated size:\n{wrong.report()}")
 
 
 def _box_problem(annotation: Mapping) -> Optional[str]:

@@ -385,8 +385,8 @@ def is_detector(cfg) -> bool:
 
 def check_test_set(cfg, eval_only: bool) -> None:
     """Fail before training, not at the first evaluation hours later, if the test set cannot be
-    evaluated: its classes differ from the training set's, some of its images are missing or
-    not the size its json says."""
+    evaluated: its classes differ from the training set's, some of its images are missing,
+    unreadable or not the size its json says."""
     test_names = cfg.dataloader.test.dataset.names
     if not eval_only:
         train_classes, test_classes = thing_classes(cfg.dataloader.train.dataset.names), thing_classes(test_names)
@@ -394,12 +394,7 @@ def check_test_set(cfg, eval_only: bool) -> None:
             raise ValueError(f"the test set {test_names} has classes {test_classes}, the training set "
                              f"{cfg.dataloader.train.dataset.names} {train_classes}: they must be the same")
     for name in [test_names] if isinstance(test_names, str) else test_names:
-        records = DatasetCatalog.get(name)
-        missing = [r["file_name"] for r in records if not os.path.isfile(r["file_name"])]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of the {len(records)} images of the test set {name} do not "
-                                    f"exist (e.g. {missing[0]}); evaluation needs every one")
-        check_image_sizes(name, records)
+        check_image_sizes(name, DatasetCatalog.get(name))  # also names missing and unreadable images
 
 
 def do_test(cfg, model, seed: int = 0):

@@ -364,13 +364,22 @@ def test_unreadable_test_images_are_all_named_with_their_dataset(coco_quirks, tm
     def damage(folder):
         (folder / names[0]).write_bytes((folder / names[0]).read_bytes()[:40])  # cut inside its header
         (folder / names[1]).write_text("not an image")
+        for name in names[2:5]:
+            (folder / name).write_bytes(b"")
+        (folder / names[5]).unlink()
+        (folder / names[6]).unlink()
+        (folder / names[6]).mkdir()
 
     folder = _damaged_copy(image_root, tmp_path, damage)
     records = load_coco_json(str(json_file), str(folder))
-    with pytest.raises(ValueError, match=r"dataset 'quirks': evaluation needs every image readable") as error:
+    with pytest.raises(ValueError, match=rf"dataset 'quirks': evaluation needs every one of its {len(records)} "
+                                         r"images, readable and at its annotated size:") as error:
         check_image_sizes("quirks", records)
-    assert "2 x images that cannot be read" in str(error.value)
-    assert f"{names[0]}: " in str(error.value) and f"{names[1]}: " in str(error.value)
+    report = str(error.value)
+    assert "5 x images that cannot be read" in report  # every one named, in one message
+    assert all(f"{name}: " in report for name in names[:5])
+    assert f"1 x images that do not exist (e.g. {folder / names[5]})" in report
+    assert f"1 x image paths that are not files (a folder, say) (e.g. {folder / names[6]})" in report
 
 
 def test_the_test_mapper_names_an_image_it_cannot_decode(coco_quirks, tmp_path):
