@@ -132,6 +132,10 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
     def resume_candidates(self) -> List[str]:
         """The file ``last_checkpoint`` names, then every ``model_*.pth`` of ``save_dir``, newest first."""
         found = sorted(glob.glob(os.path.join(self.save_dir, _CHECKPOINTS)), key=os.path.getmtime, reverse=True)
+        folders = [path for path in found if os.path.isdir(path)]
+        if folders:  # the run would train, then fail to write its checkpoint over it
+            raise ValueError(f"--resume: {folders[0]} is a folder, where the run writes a checkpoint file: move it "
+                             "away")
         if not self.has_checkpoint():
             return found
         try:
@@ -171,6 +175,10 @@ class ResumableCheckpointer(SafeDetectionCheckpointer):
             if skipped:
                 logger.warning("Resuming from the previous good checkpoint %s (iteration %d), skipping %s",
                                path, iteration, ", ".join(skipped))
+            absent = [name for name in self.checkpointables if name not in data]
+            if absent:
+                logger.warning("%s holds no %s state: %s afresh, so the run does not go on exactly as it would "
+                               "have", path, " or ".join(absent), "they start" if len(absent) > 1 else "it starts")
             self._read = (path, data)
             return ResumePoint(path, iteration, data.get("seed"), data.get("config"))
         if candidates:

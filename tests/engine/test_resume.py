@@ -236,3 +236,22 @@ def test_a_last_checkpoint_outside_the_folder_is_ignored(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="models.engine.resume"):
         point = _checkpointer(tmp_path / "run")[0].find_resume_point()
     assert point.iteration == 1 and "outside" in caplog.text and "ignored" in caplog.text
+
+
+def test_a_folder_with_a_checkpoints_name_is_refused(tmp_path):
+    checkpointer, _ = _checkpointer(tmp_path, seed=7)
+    checkpointer.save("model_0000003", iteration=3)
+    (tmp_path / "model_final.pth").mkdir()
+    with pytest.raises(ValueError, match=r"model_final\.pth is a folder, where the run writes a checkpoint file"):
+        checkpointer.find_resume_point()
+
+
+def test_a_checkpoint_without_the_optimizer_state_resumes_with_a_warning(tmp_path, caplog):
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ResumableCheckpointer(model, str(tmp_path), seed=7).save("model_0000003", iteration=3)  # weights only
+    checkpointer = ResumableCheckpointer(model, str(tmp_path), seed=7, optimizer=optimizer)
+    with caplog.at_level(logging.WARNING):
+        point = checkpointer.find_resume_point()
+    assert point.iteration == 3
+    assert "model_0000003.pth holds no optimizer state: it starts afresh" in caplog.text
