@@ -318,7 +318,8 @@ def run(args: argparse.Namespace) -> str:
     try:
         model = build_model(cfg, args.checkpoint, args.device, args.score_threshold, args.sample_ratio, state)
     except ValueError as e:  # a checkpoint of another architecture or class count
-        raise InferenceError(f"--checkpoint {args.checkpoint} does not fit {args.config_file}: {e}") from e
+        reason = str(e).removeprefix(f"{args.checkpoint}: ")  # this message names the file already
+        raise InferenceError(f"--checkpoint {args.checkpoint} does not fit {args.config_file}: {reason}") from e
     del state
     num_classes = model.roi_heads.num_classes if hasattr(model, "roi_heads") else len(class_names or [])
     if class_names is None or len(class_names) != num_classes:
