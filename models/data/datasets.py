@@ -590,6 +590,13 @@ def drop_degenerate_annotations(records: Sequence[dict], need_masks: bool = Fals
     return kept
 
 
+class _CopiedAlready(dict):
+    """A shallow copy of a dict that ``copy.deepcopy`` returns as it is."""
+
+    def __deepcopy__(self, memo) -> "_CopiedAlready":
+        return self
+
+
 class InstanceDatasetMapper(DatasetMapper):
     """detectron2's ``DatasetMapper`` that names the image it cannot read and drops an annotation
     its transforms fail on.
@@ -611,8 +618,14 @@ class InstanceDatasetMapper(DatasetMapper):
         self.failed = 0
 
     def __call__(self, dataset_dict: dict) -> dict:
+        if self.proposal_topk is None:
+            # detectron2's mapper deep-copies the dict before it changes it: 0.3 of the 2.4 ms it
+            # takes to map a demo image. A shallow copy is enough: the mapper adds and removes keys
+            # of the dict itself, and this class copies each annotation before transforming it.
+            # (Precomputed proposals are transformed in place, so with them the deep copy stays.)
+            dataset_dict = _CopiedAlready(dataset_dict)
         try:
-            return super().__call__(dataset_dict)
+            return dict(super().__call__(dataset_dict))
         except OSError as e:  # PIL: missing, truncated or not an image
             name = dataset_dict.get("file_name")
             if name and str(name) in str(e):

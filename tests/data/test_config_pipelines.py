@@ -127,6 +127,22 @@ def test_test_mapper_gives_three_channels_at_the_test_size(config, quirks):
         assert (out["height"], out["width"]) == (record["height"], record["width"])
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mapping_leaves_the_dataset_records_as_they_were(quirks, split):
+    """The mapper copies only the top level of a record (detectron2's deep copy is skipped), so
+    what it transforms must be its own copies: records are reused every epoch."""
+    cfg = load_config(str(REPO / MIMDET[2]))
+    mapper = instantiate(cfg.dataloader[split].mapper)
+    records = drop_degenerate_annotations(list(quirks))
+    before = copy.deepcopy(records)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    outputs = [mapper(record) for _ in range(6) for record in records]
+    assert records == before
+    assert all(type(out) is dict and "image" in out for out in outputs)
+    assert sum("instances" in out for out in outputs) == (len(outputs) if split == "train" else 0)
+    assert sum(len(out.get("instances", [])) for out in outputs[:len(records)]) > 0 or split == "test"
+
+
 def test_a_crop_through_the_legs_keeps_both_pieces_of_one_instance():
     record = dict(file_name="", height=100, width=100, annotations=[dict(
         iscrowd=0, category_id=0, bbox=[10, 10, 80, 80], bbox_mode=BoxMode.XYWH_ABS,

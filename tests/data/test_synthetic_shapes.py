@@ -46,6 +46,23 @@ def test_same_seed_same_bytes_other_seed_other_data(shapes, tmp_path):
     assert _read(paths["val"][0]) != _read(other["val"][0])
 
 
+@pytest.mark.parametrize("processes", [1, 3])
+def test_the_number_of_processes_changes_no_byte(shapes, tmp_path, processes):
+    root, paths = shapes
+    json_file, image_root = generate_split(str(tmp_path), "train", NUM_TRAIN, seed=3, processes=processes)
+    assert _read(json_file) == _read(paths["train"][0])
+    names = sorted(os.listdir(image_root))
+    assert names == sorted(os.listdir(paths["train"][1])) and len(names) == NUM_TRAIN
+    for name in names:
+        assert _read(os.path.join(image_root, name)) == _read(os.path.join(paths["train"][1], name))
+
+
+def test_processes_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="processes must be at least 1, got 0"):
+        generate_split(str(tmp_path), "train", 2, processes=0)
+    assert not os.path.exists(tmp_path / "train")
+
+
 def test_valid_coco_with_masks_inside_boxes(shapes):
     _, paths = shapes
     for split, (json_file, image_root) in paths.items():
