@@ -19,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -216,8 +217,15 @@ def _map_in_processes(fn, jobs: list, processes: int) -> list:
     if processes <= 1 or len(jobs) < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return [fn(job) for job in jobs]
     # Fork, not spawn: a spawned process would import this package (and torch) again first.
-    with multiprocessing.get_context("fork").Pool(min(processes, len(jobs))) as pool:
+    with multiprocessing.get_context("fork").Pool(min(processes, len(jobs)), initializer=_quiet_worker) as pool:
         return pool.map(fn, jobs, chunksize=max(1, len(jobs) // (4 * processes)))
+
+
+def _quiet_worker() -> None:
+    """Ctrl-C reaches the parent, which stops the pool; SIGTERM (how the pool stops its
+    processes) ends a worker at once, whatever handler it inherited: no traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _available_cpus() -> int:

@@ -217,3 +217,34 @@ def test_generator_command_refuses_bad_arguments_before_writing(tmp_path, monkey
     assert os.listdir(tmp_path) == []  # nothing written, not even with --out ''
     with pytest.raises(ValueError, match="num_images=-3"):
         generate_split(str(tmp_path / "out"), "train", -3)
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_ctrl_c_during_generation_stops_every_process_with_one_message(tmp_path):
+    """Ctrl-C reaches every process of the terminal's group: the workers leave the stopping to
+    the parent, so only the parent reports it and no process is left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "from models.data.synthetic_shapes import generate_split\n"
+              f"generate_split({str(tmp_path)!r}, 'train', 5000, processes=2)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    workers = []
+    for _ in range(300):  # the workers start once the package is imported
+        time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        if len(workers) == 2 or process.poll() is not None:
+            break
+    assert len(workers) == 2
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert output.count("Traceback") == 1 and "ForkPoolWorker" not in output, output  # the parent's only
+    time.sleep(0.5)
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
