@@ -48,6 +48,9 @@ def main(argv=None) -> None:
     parser.add_argument("--num-val", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="regenerate even if the data are up to date")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="processes that render images side by side (default: one per available CPU; "
+                             "the data are the same bytes whatever the number)")
     parser.add_argument("--preview", type=int, default=0, metavar="N",
                         help="also draw the annotations of the first N val images into OUT/preview")
     args = parser.parse_args(argv)
@@ -56,6 +59,8 @@ def main(argv=None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0 (numpy seeds are non-negative), got {args.seed}")
+    if args.processes is not None and args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
     if args.preview < 0:
         parser.error(f"--preview takes a number of val images >= 0, got {args.preview}")
     if not args.out.strip():
@@ -65,10 +70,10 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     if args.force:
-        paths = {"train": generate_split(args.out, "train", args.num_train, args.seed),
-                 "val": generate_split(args.out, "val", args.num_val, args.seed)}
+        paths = {"train": generate_split(args.out, "train", args.num_train, args.seed, processes=args.processes),
+                 "val": generate_split(args.out, "val", args.num_val, args.seed, processes=args.processes)}
     else:
-        paths = ensure_shapes(args.out, args.num_train, args.num_val, args.seed)
+        paths = ensure_shapes(args.out, args.num_train, args.num_val, args.seed, processes=args.processes)
     print(f"shapes dataset ready in {time.perf_counter() - start:.1f}s: "
           + ", ".join(f"{split} {json_file}" for split, (json_file, _) in paths.items()))
     if args.preview > 0:

@@ -305,9 +305,10 @@ def _is_current(root: str, split: str, num_images: int, seed: int, cfg: ShapesCo
 
 
 def ensure_shapes(root: str, num_train: int = 600, num_val: int = 100, seed: int = 0,
-                  cfg: ShapesConfig = ShapesConfig()) -> Dict[str, Tuple[str, str]]:
+                  cfg: ShapesConfig = ShapesConfig(), processes: Optional[int] = None) -> Dict[str, Tuple[str, str]]:
     """Generate the train and val splits under ``root`` unless they are already there with
-    the same sizes, seed and config. Returns ``{split: (json_file, image_root)}``."""
+    the same sizes, seed and config (``processes``: see :func:`generate_split`). Returns
+    ``{split: (json_file, image_root)}``."""
     paths = {}
     for split, num_images in zip(SPLITS, (num_train, num_val)):
         if num_images < 1:
@@ -316,7 +317,7 @@ def ensure_shapes(root: str, num_train: int = 600, num_val: int = 100, seed: int
             logger.info("Synthetic shapes %s split is up to date in %s", split, root)
             paths[split] = _paths(root, split)
         else:
-            paths[split] = generate_split(root, split, num_images, seed, cfg)
+            paths[split] = generate_split(root, split, num_images, seed, cfg, processes)
     return paths
 
 

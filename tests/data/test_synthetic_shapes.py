@@ -202,6 +202,7 @@ def test_register_elsewhere_replaces_the_registration(shapes, tmp_path):
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--preview", "-1"], "--preview takes a number of val images >= 0"),
     (["--out", ""], "--out is empty"),
+    (["--processes", "0"], "--processes must be at least 1, got 0"),
 ])
 def test_generator_command_refuses_bad_arguments_before_writing(tmp_path, monkeypatch, capsys, argv, message):
     import importlib.util
