@@ -20,6 +20,8 @@ import logging
 import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -213,17 +215,30 @@ def _write_image(job: Tuple[str, str, int, int, ShapesConfig]) -> Tuple[dict, Li
 
 def _map_in_processes(fn, jobs: list, processes: int) -> list:
     """``[fn(job) for job in jobs]``, in ``processes`` forked processes where there are several
-    jobs, and in this one where forking is not available (Windows) or not asked for."""
+    jobs, and in this one where forking is not available (Windows) or not asked for.
+
+    A worker that dies (killed by the out-of-memory killer, say) raises an error here instead of
+    leaving the parent waiting for its images forever, as ``multiprocessing.Pool`` would.
+    """
     if processes <= 1 or len(jobs) < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return [fn(job) for job in jobs]
     # Fork, not spawn: a spawned process would import this package (and torch) again first.
-    with multiprocessing.get_context("fork").Pool(min(processes, len(jobs)), initializer=_quiet_worker) as pool:
-        return pool.map(fn, jobs, chunksize=max(1, len(jobs) // (4 * processes)))
+    context = multiprocessing.get_context("fork")
+    executor = ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context, initializer=_quiet_worker)
+    try:
+        # One job per task: on Ctrl-C or an error only the few images already handed out are
+        # finished before the workers stop (an image takes ~20 ms; the hand-over ~0.1 ms).
+        return list(executor.map(fn, jobs))
+    except BrokenProcessPool as error:
+        raise RuntimeError(f"a process rendering shapes died before finishing its images (killed by the system, "
+                           f"out of memory?); run again, or with processes=1 (asked for {processes})") from error
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _quiet_worker() -> None:
-    """Ctrl-C reaches the parent, which stops the pool; SIGTERM (how the pool stops its
-    processes) ends a worker at once, whatever handler it inherited: no traceback per worker."""
+    """Ctrl-C reaches the parent, which stops the workers; SIGTERM ends a worker at once,
+    whatever handler it inherited: no traceback per worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -1,6 +1,7 @@
 """The synthetic shapes dataset: deterministic, valid COCO, honest occlusion, detectron2-ready."""
 import json
 import os
+import signal
 
 import models  # noqa: F401  (detectron2 compatibility first)
 import numpy as np
@@ -17,6 +18,7 @@ from models.data.synthetic_shapes import (
     DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, generate_split, is_simple_region, pixel_outline,
     register_shapes, render_image,
 )
+from models.data.synthetic_shapes import _map_in_processes
 
 NUM_TRAIN, NUM_VAL = 16, 6
 
@@ -55,6 +57,36 @@ def test_the_number_of_processes_changes_no_byte(shapes, tmp_path, processes):
     assert names == sorted(os.listdir(paths["train"][1])) and len(names) == NUM_TRAIN
     for name in names:
         assert _read(os.path.join(image_root, name)) == _read(os.path.join(paths["train"][1], name))
+
+
+def _double_but_die_on_three(job):
+    if job == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+    return 2 * job
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_a_killed_worker_is_an_error_not_a_hang():
+    import threading
+
+    outcome = {}
+
+    def run(jobs):
+        try:
+            outcome["result"] = _map_in_processes(_double_but_die_on_three, jobs, 2)
+        except Exception as error:  # noqa: BLE001  (the error is the finding)
+            outcome["error"] = error
+
+    for jobs in ([0, 1, 2, 4, 5, 6], list(range(8))):
+        outcome.clear()
+        thread = threading.Thread(target=run, args=(jobs,), daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the parent waits forever for the killed worker's job"
+        if 3 not in jobs:
+            assert outcome == {"result": [0, 2, 4, 8, 10, 12]}
+    assert list(outcome) == ["error"] and outcome["error"].__class__ is RuntimeError, outcome
+    assert "died before finishing" in str(outcome["error"]) and "processes=1" in str(outcome["error"])
 
 
 def test_processes_must_be_positive(tmp_path):
@@ -224,7 +256,6 @@ def test_generator_command_refuses_bad_arguments_before_writing(tmp_path, monkey
 def test_ctrl_c_during_generation_stops_every_process_with_one_message(tmp_path):
     """Ctrl-C reaches every process of the terminal's group: the workers leave the stopping to
     the parent, so only the parent reports it and no process is left behind."""
-    import signal
     import subprocess
     import sys
     import time
