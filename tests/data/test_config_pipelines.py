@@ -235,3 +235,21 @@ def test_annotations_without_segmentation_are_dropped_when_masks_train(caplog):
         assert len(record["instances"]) == len(annotations) - 1
         assert len(record["instances"].gt_masks) == len(annotations) - 1
     assert mapper.failed == 2
+
+
+def test_list_arguments_reach_the_augmentations_as_tuples_that_draw_the_same_sizes():
+    """LazyConfig passes lists as omegaconf ListConfigs; the mapper makes them tuples (numpy reads
+    those without omegaconf's costly attribute errors), and the sizes drawn stay the same."""
+    from omegaconf import ListConfig
+
+    cfg = load_config(str(REPO / "configs/demo/mimdet_shapes.py"))
+    resize = instantiate(cfg.dataloader.train.mapper).augmentations.augs[1]
+    as_configured = instantiate(cfg.dataloader.train.mapper.augmentations[1])
+    assert isinstance(as_configured.short_edge_length, ListConfig)
+    assert type(resize.short_edge_length) is tuple and resize.short_edge_length == (144, 160, 176, 192)
+    image = np.zeros((200, 240, 3), np.uint8)
+    sizes = []
+    for augmentation in (resize, as_configured):
+        np.random.seed(0)
+        sizes.append([augmentation.get_transform(image).new_h for _ in range(40)])
+    assert sizes[0] == sizes[1] and set(sizes[0]) == {144, 160, 176, 192}
