@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BitMasks, BoxMode, PolygonMasks
 from omegaconf import ListConfig
@@ -524,13 +525,23 @@ def rle_to_polygons(segmentation: Mapping) -> List[List[float]]:
     return [(c.reshape(-1, 2).astype(np.float64) + 0.5).reshape(-1).tolist() for c in contours if len(c) >= 3]
 
 
+def _is_empty_segmentation(segmentation) -> bool:
+    """No segmentation: absent, or an empty polygon list or array (a bitmask array is not
+    tested for truth, which numpy refuses for more than one element)."""
+    if segmentation is None:
+        return True
+    if isinstance(segmentation, np.ndarray):
+        return segmentation.size == 0
+    return len(segmentation) == 0
+
+
 def _clean_annotation(annotation: dict, need_masks: bool) -> Tuple[Optional[dict], Optional[str]]:
     """(the annotation to train on, None) or (None, why it is dropped)."""
     problem = _box_problem(annotation)
     if problem is not None:
         return None, problem
     segmentation = annotation.get("segmentation")
-    if need_masks and not segmentation and not annotation.get("iscrowd", 0):
+    if need_masks and _is_empty_segmentation(segmentation) and not annotation.get("iscrowd", 0):
         # detectron2's load_coco_json leaves an empty segmentation out of the record
         return None, "no segmentation (the model trains masks)"
     if isinstance(segmentation, Mapping) and not annotation.get("iscrowd", 0):
@@ -591,6 +602,32 @@ def drop_degenerate_annotations(records: Sequence[dict], need_masks: bool = Fals
     return kept
 
 
+def _plain(value):
+    """A ListConfig as a tuple, nested ones included; anything else as it is."""
+    return tuple(_plain(v) for v in value) if isinstance(value, ListConfig) else value
+
+
+def _plain_list_arguments(augmentation) -> None:
+    """Turn the ListConfig arguments of ``augmentation`` and of the augmentations inside it
+    (``AugmentationList``, ``RandomApply``) into tuples, in place.
+
+    A LazyConfig hands list arguments (ResizeShortestEdge's short_edge_length, say) to the
+    augmentations as omegaconf ListConfigs. numpy probes such an argument for its array
+    interfaces on every draw, and each probe of a ListConfig raises and formats an error inside
+    omegaconf: 0.15 of the 1.9 ms it takes to map a demo image. Tuples hold the same values and
+    draw the same numbers.
+    """
+    for name, value in vars(augmentation).items():
+        if isinstance(value, ListConfig):
+            setattr(augmentation, name, _plain(value))
+        elif isinstance(value, T.Augmentation):
+            _plain_list_arguments(value)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                if isinstance(item, T.Augmentation):
+                    _plain_list_arguments(item)
+
+
 class _CopiedAlready(dict):
     """A shallow copy of a dict that ``copy.deepcopy`` returns as it is."""
 
@@ -617,15 +654,7 @@ class InstanceDatasetMapper(DatasetMapper):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.failed = 0
-        # A LazyConfig hands list arguments (ResizeShortestEdge's short_edge_length, say) to
-        # the augmentations as omegaconf ListConfigs. numpy probes such an argument for its
-        # array interfaces on every draw, and each probe of a ListConfig raises and formats an
-        # error inside omegaconf: 0.15 of the 1.9 ms it takes to map a demo image. Plain tuples
-        # hold the same values and draw the same numbers.
-        for augmentation in self.augmentations.augs:
-            for name, value in vars(augmentation).items():
-                if isinstance(value, ListConfig):
-                    setattr(augmentation, name, tuple(value))
+        _plain_list_arguments(self.augmentations)
 
     def __call__(self, dataset_dict: dict) -> dict:
         if self.proposal_topk is None:
@@ -656,18 +685,21 @@ class InstanceDatasetMapper(DatasetMapper):
             annotation = dict(annotation)
             if not self.use_instance_mask:
                 annotation.pop("segmentation", None)
-            elif not annotation.get("segmentation"):
+            elif _is_empty_segmentation(annotation.get("segmentation")):
                 self._drop(annotation, dataset_dict, "it has no segmentation and the model trains masks")
                 continue
             if not self.use_keypoint:
                 annotation.pop("keypoints", None)
-            # fvcore's ResizeTransform scales coordinates in place, so integer boxes and
-            # polygons (as many COCO-format files store them) would be truncated: up to a
-            # pixel off at the output scale.
+            # fvcore's transforms change coordinates in place: each box, polygon and keypoint
+            # array transformed here is a new float64 copy, so the record (reused every epoch)
+            # keeps its own, and integer boxes and polygons (as many COCO-format files store
+            # them) are not truncated, which would put them up to a pixel off at the output scale.
             if "bbox" in annotation:
                 annotation["bbox"] = [float(v) for v in annotation["bbox"]]
             if isinstance(annotation.get("segmentation"), list):
-                annotation["segmentation"] = [np.asarray(p, dtype=np.float64) for p in annotation["segmentation"]]
+                annotation["segmentation"] = [np.array(p, dtype=np.float64) for p in annotation["segmentation"]]
+            if annotation.get("keypoints") is not None:
+                annotation["keypoints"] = np.array(annotation["keypoints"], dtype=np.float64)
             try:
                 kept.append(utils.transform_instance_annotations(
                     annotation, transforms, image_shape, keypoint_hflip_indices=self.keypoint_hflip_indices))

@@ -202,6 +202,46 @@ def test_integer_boxes_and_polygons_are_resized_without_truncation():
     assert annotation["segmentation"] == [[3, 3, 10, 3, 10, 10, 3, 10]]  # the record itself is not modified
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64])
+def test_array_polygons_and_keypoints_of_a_record_stay_as_they_were(tmp_path, dtype):
+    """fvcore resizes and flips coordinates in place; the mapper transforms copies, so a record
+    whose polygons or keypoints are numpy arrays maps the same every epoch."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "a.png")
+    polygon = np.array([10, 10, 30, 10, 30, 30, 10, 30], dtype=dtype)
+    keypoints = np.array([12, 14, 2, 20, 22, 2], dtype=dtype)
+    record = dict(file_name=str(tmp_path / "a.png"), height=40, width=60, image_id=1, annotations=[dict(
+        iscrowd=0, category_id=0, bbox=[10, 10, 20, 20], bbox_mode=BoxMode.XYWH_ABS, segmentation=[polygon],
+        keypoints=keypoints)])
+    mapper = InstanceDatasetMapper(is_train=True, image_format="RGB", use_instance_mask=True, use_keypoint=True,
+                                   keypoint_hflip_indices=np.array([1, 0]), augmentations=[
+                                       T.ResizeShortestEdge(80, 1000), T.RandomFlip(prob=1.0)])
+    outputs = [mapper(record) for _ in range(3)]
+    assert polygon.tolist() == [10, 10, 30, 10, 30, 30, 10, 30]
+    assert keypoints.tolist() == [12, 14, 2, 20, 22, 2]
+    for out in outputs:
+        assert out["instances"].gt_masks.polygons[0][0].tolist() == [100, 20, 60, 20, 60, 60, 100, 60]
+        # flipped: the two keypoints swap (hflip indices) and mirror at x -> 120 - x
+        assert out["instances"].gt_keypoints.tensor[0, :, :2].tolist() == [[80, 44], [96, 28]]
+
+
+def test_a_bitmask_array_segmentation_is_counted_as_present(caplog):
+    """A (H, W) array as a segmentation (which detectron2's transforms do not take) is a
+    segmentation, not a missing one: numpy refuses the truth test of such an array, which
+    stopped the mapper; now its transform's failure drops it with the usual warning."""
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 20:50] = 1
+    record = dict(file_name="a.png", annotations=[dict(iscrowd=0, category_id=0, bbox=[20, 10, 30, 20],
+                                                       bbox_mode=BoxMode.XYWH_ABS, segmentation=mask)])
+    assert drop_degenerate_annotations([record], need_masks=True) == [record]
+    mapper = InstanceDatasetMapper(is_train=True, augmentations=[], image_format="RGB", use_instance_mask=True,
+                                   instance_mask_format="bitmask")
+    mapper._transform_annotations(record, T.TransformList([T.HFlipTransform(60)]), (40, 60))
+    assert mapper.failed == 1 and len(record["instances"]) == 0
+    assert "Cannot transform segmentation of type" in caplog.text and "no segmentation" not in caplog.text
+
+
 def test_a_cropped_instance_keeps_its_annotated_box():
     """The original's mapper does not recompute boxes from masks: a crop clips the annotated
     box. The triangle's outline inside the crop is lower than its clipped box."""
@@ -253,3 +293,22 @@ def test_list_arguments_reach_the_augmentations_as_tuples_that_draw_the_same_siz
         np.random.seed(0)
         sizes.append([augmentation.get_transform(image).new_h for _ in range(40)])
     assert sizes[0] == sizes[1] and set(sizes[0]) == {144, 160, 176, 192}
+
+
+def _list_configs_in(augmentation) -> list:
+    found = []
+    for value in vars(augmentation).values():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        found += [value] if any(type(v).__name__ == "ListConfig" for v in [value, *items]) else []
+        found += [x for item in items if isinstance(item, T.Augmentation) for x in _list_configs_in(item)]
+    return found
+
+
+@pytest.mark.parametrize("config", [MIMDET[2], BENCHMARKING[0]], ids=["mimdet", "benchmarking"])
+def test_no_list_config_is_left_in_nested_augmentations(config):
+    """The COCO configs' crop sits inside RandomApply(AugmentationList(...)); its lists are
+    tuples too."""
+    cfg = load_config(str(REPO / config))
+    assert _list_configs_in(instantiate(cfg.dataloader.train.mapper.augmentations[1])) if config == MIMDET[2] else 1
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    assert _list_configs_in(mapper.augmentations) == []
