@@ -19,7 +19,9 @@ import numpy as np  # noqa: E402
 import pycocotools.mask as mask_util  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models.data.synthetic_shapes import SHAPE_CLASSES, ensure_shapes, generate_split, load_split  # noqa: E402
+from models.data.synthetic_shapes import (  # noqa: E402
+    SHAPE_CLASSES, RenderingProcessDied, ensure_shapes, generate_split, load_split,
+)
 from models.visualize import draw_instances  # noqa: E402
 
 PREVIEW_MIN_SIZE = 512
@@ -69,11 +71,20 @@ def main(argv=None) -> None:
         parser.error(f"--out {args.out} is a file; it takes a folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    if args.force:
-        paths = {"train": generate_split(args.out, "train", args.num_train, args.seed, processes=args.processes),
-                 "val": generate_split(args.out, "val", args.num_val, args.seed, processes=args.processes)}
-    else:
-        paths = ensure_shapes(args.out, args.num_train, args.num_val, args.seed, processes=args.processes)
+    try:
+        if args.force:
+            paths = {"train": generate_split(args.out, "train", args.num_train, args.seed, processes=args.processes),
+                     "val": generate_split(args.out, "val", args.num_val, args.seed, processes=args.processes)}
+        else:
+            paths = ensure_shapes(args.out, args.num_train, args.num_val, args.seed, processes=args.processes)
+    except KeyboardInterrupt:
+        # The split being written has no json yet, so the next run generates it again.
+        print("generate_shapes.py: interrupted; run it again to finish the dataset", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        sys.exit(f"generate_shapes.py: cannot write the dataset into {args.out}: {e}")
+    except RenderingProcessDied as e:
+        sys.exit(f"generate_shapes.py: {e}")
     print(f"shapes dataset ready in {time.perf_counter() - start:.1f}s: "
           + ", ".join(f"{split} {json_file}" for split, (json_file, _) in paths.items()))
     if args.preview > 0:

@@ -45,7 +45,7 @@ sys.path.insert(0, ROOT)
 from PIL import Image  # noqa: E402
 
 from models.data.synthetic_shapes import ensure_shapes  # noqa: E402
-from models.engine.launch import kill_me_with_parent  # noqa: E402
+from models.lifetime import kill_me_with_parent  # noqa: E402
 from models.engine.run_folder import RunFolderBusy, hold_run_folder, previous_run_files  # noqa: E402
 from tools import infer, mae_reconstruct  # noqa: E402
 from tools.plot_metrics import plot_metrics, read_metrics  # noqa: E402

@@ -14,6 +14,7 @@ to the same pixels; polygons are what
 detectron2's default ``instance_mask_format="polygon"`` reads (RLE would need "bitmask").
 ``bbox`` is tight around the visible pixels and ``area`` is their count.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,15 +23,17 @@ import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import cv2
 import shapely
 from PIL import Image, ImageDraw
 
+from models.lifetime import die_with_parent
+
 __all__ = ["SHAPE_CLASSES", "DATASET_NAMES", "ShapesConfig", "render_image", "generate_split",
-           "ensure_shapes", "register_shapes", "is_simple_region", "pixel_outline"]
+           "ensure_shapes", "register_shapes", "is_simple_region", "pixel_outline", "RenderingProcessDied"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +216,10 @@ def _write_image(job: Tuple[str, str, int, int, ShapesConfig]) -> Tuple[dict, Li
     return entry, [_annotation(instance) for instance in instances]
 
 
+class RenderingProcessDied(RuntimeError):
+    """A process rendering shapes ended before its images were done."""
+
+
 def _map_in_processes(fn, jobs: list, processes: int) -> list:
     """``[fn(job) for job in jobs]``, in ``processes`` forked processes where there are several
     jobs, and in this one where forking is not available (Windows) or not asked for.
@@ -224,23 +231,28 @@ def _map_in_processes(fn, jobs: list, processes: int) -> list:
         return [fn(job) for job in jobs]
     # Fork, not spawn: a spawned process would import this package (and torch) again first.
     context = multiprocessing.get_context("fork")
-    executor = ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context, initializer=_quiet_worker)
+    executor = ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context, initializer=_quiet_worker,
+                                   initargs=(os.getpid(),))
     try:
         # One job per task: on Ctrl-C or an error only the few images already handed out are
         # finished before the workers stop (an image takes ~20 ms; the hand-over ~0.1 ms).
         return list(executor.map(fn, jobs))
     except BrokenProcessPool as error:
-        raise RuntimeError(f"a process rendering shapes died before finishing its images (killed by the system, "
-                           f"out of memory?); run again, or with processes=1 (asked for {processes})") from error
+        raise RenderingProcessDied(
+            f"a process rendering shapes died before finishing its images (killed by the system, out of memory?); "
+            f"run again, or in one process (processes=1, or --processes 1 for datasets/generate_shapes.py; this "
+            f"run had {processes})") from error
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _quiet_worker() -> None:
+def _quiet_worker(parent_pid: int) -> None:
     """Ctrl-C reaches the parent, which stops the workers; SIGTERM ends a worker at once,
-    whatever handler it inherited: no traceback per worker."""
+    whatever handler it inherited: no traceback per worker. A worker ends with its parent
+    (killed, say): it would otherwise wait for jobs forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
 
 
 def _available_cpus() -> int:
@@ -257,6 +269,46 @@ def _paths(root: str, split: str) -> Tuple[str, str]:
     return (os.path.join(root, "annotations", f"instances_{split}.json"), os.path.join(root, split))
 
 
+def _check_number(name: str, value, minimum: int, too_small: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ValueError(too_small)
+
+
+def _check_arguments(split: str, num_images: int, seed: int, processes: Optional[int]) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    _check_number("num_images", num_images, 1, f"{split} needs at least one image, got num_images={num_images}")
+    _check_number("seed", seed, 0, f"seed must be >= 0, got {seed}")
+    if processes is not None:
+        _check_number("processes", processes, 1, f"processes must be at least 1, got {processes}")
+
+
+@contextlib.contextmanager
+def _generation_lock(root: str) -> Iterator[None]:
+    """One generator at a time in ``root``; a second one waits for the first. Two at once
+    (with different seeds, say) would leave one's images under the other's json. Uses
+    ``fcntl.flock`` on ``root/.generating.lock``, which the system releases when its holder
+    dies; where ``fcntl`` is missing (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".generating.lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("Another process is generating shapes in %s; waiting for it to finish", root)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def generate_split(root: str, split: str, num_images: int, seed: int = 0,
                    cfg: ShapesConfig = ShapesConfig(), processes: Optional[int] = None) -> Tuple[str, str]:
     """Write ``root/<split>/*.png`` and ``root/annotations/instances_<split>.json``.
@@ -267,18 +319,23 @@ def generate_split(root: str, split: str, num_images: int, seed: int = 0,
 
     ``processes`` render the images side by side (default: one per available CPU); each image
     is a function of (seed, split, index) alone, so their number does not change a byte.
+
+    The split's json is removed before the first image is written and written again after the
+    last, so a run that is interrupted leaves no json, and the next run generates the split
+    again. One generator at a time writes into ``root`` (a second waits).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-    if num_images < 1:
-        raise ValueError(f"{split} needs at least one image, got num_images={num_images}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    _check_arguments(split, num_images, seed, processes)
+    with _generation_lock(root):
+        return _generate_split(root, split, num_images, seed, cfg, processes)
+
+
+def _generate_split(root: str, split: str, num_images: int, seed: int, cfg: ShapesConfig,
+                    processes: Optional[int]) -> Tuple[str, str]:
     if processes is None:
         processes = _available_cpus()
-    if processes < 1:
-        raise ValueError(f"processes must be at least 1, got {processes}")
     json_file, image_root = _paths(root, split)
+    if os.path.lexists(json_file) and not os.path.isdir(json_file):
+        os.remove(json_file)  # the split is incomplete from here until the new json is written
     os.makedirs(image_root, exist_ok=True)
     os.makedirs(os.path.dirname(json_file), exist_ok=True)
     split_index = SPLITS.index(split)
@@ -297,14 +354,18 @@ def generate_split(root: str, split: str, num_images: int, seed: int = 0,
     coco = {"info": _split_info(split, num_images, seed, cfg), "images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": name} for i, name in enumerate(SHAPE_CLASSES)]}
     temporary = f"{json_file}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
-        json.dump(coco, f)
-    os.replace(temporary, json_file)  # the json comes last: its presence means the split is complete
+    try:
+        with open(temporary, "w") as f:
+            json.dump(coco, f)
+        os.replace(temporary, json_file)  # the json comes last: its presence means the split is complete
+    finally:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
     logger.info("Wrote %d %s images with %d shapes to %s", num_images, split, len(annotations), image_root)
     return json_file, image_root
 
 
-def _is_current(root: str, split: str, num_images: int, seed: int, cfg: ShapesConfig) -> bool:
+def _is_current(root: str, split: str, num_images: int, seed: int, cfg: ShapesConfig, quiet: bool = False) -> bool:
     json_file, image_root = _paths(root, split)
     if not os.path.isfile(json_file):
         return False
@@ -314,8 +375,9 @@ def _is_current(root: str, split: str, num_images: int, seed: int, cfg: ShapesCo
         return coco.get("info") == _split_info(split, num_images, seed, cfg) and all(
             os.path.isfile(os.path.join(image_root, image["file_name"])) for image in coco["images"])
     except (ValueError, AttributeError, TypeError, KeyError):  # a damaged or foreign file: generate it again
-        logger.warning("%s is not a json this generator wrote (damaged?): generating the %s split again",
-                       json_file, split)
+        if not quiet:
+            logger.warning("%s is not a json this generator wrote (damaged?): generating the %s split again",
+                           json_file, split)
         return False
 
 
@@ -324,15 +386,19 @@ def ensure_shapes(root: str, num_train: int = 600, num_val: int = 100, seed: int
     """Generate the train and val splits under ``root`` unless they are already there with
     the same sizes, seed and config (``processes``: see :func:`generate_split`). Returns
     ``{split: (json_file, image_root)}``."""
-    paths = {}
     for split, num_images in zip(SPLITS, (num_train, num_val)):
-        if num_images < 1:
-            raise ValueError(f"{split} needs at least one image, got num_images={num_images}")
-        if _is_current(root, split, num_images, seed, cfg):
-            logger.info("Synthetic shapes %s split is up to date in %s", split, root)
-            paths[split] = _paths(root, split)
-        else:
-            paths[split] = generate_split(root, split, num_images, seed, cfg, processes)
+        _check_arguments(split, num_images, seed, processes)
+    splits = list(zip(SPLITS, (num_train, num_val)))
+    if all(_is_current(root, split, num_images, seed, cfg, quiet=True) for split, num_images in splits):
+        return {split: _paths(root, split) for split in SPLITS}  # no lock needed (the folder may be read-only)
+    paths = {}
+    with _generation_lock(root):  # a generator already at work here finishes first
+        for split, num_images in zip(SPLITS, (num_train, num_val)):
+            if _is_current(root, split, num_images, seed, cfg):
+                logger.info("Synthetic shapes %s split is up to date in %s", split, root)
+                paths[split] = _paths(root, split)
+            else:
+                paths[split] = _generate_split(root, split, num_images, seed, cfg, processes)
     return paths
 
 

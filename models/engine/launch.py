@@ -4,14 +4,9 @@ detectron2 0.6's ``launch()`` always uses NCCL and CUDA. This one keeps its argu
 adds: CPU processes over gloo (so DDP runs, and is tested, without GPUs), and the env://
 rendezvous that ``torchrun`` and SLURM wrappers set up (RANK, LOCAL_RANK, WORLD_SIZE, ...).
 """
-import ctypes
 import logging
 import os
-import signal
 import socket
-import sys
-import threading
-import time
 from datetime import timedelta
 from typing import Callable, Optional, Tuple
 
@@ -20,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from detectron2.utils import comm
+
+from models.lifetime import die_with_parent, kill_me_with_parent
 
 __all__ = ["launch", "check_num_gpus", "free_port_url", "kill_me_with_parent", "in_spawned_worker", "TORCHRUN_VARS",
            "WORKER_REFUSED"]
@@ -68,41 +65,11 @@ def _set_local_group(num_per_machine: int, machine_rank: int) -> None:
             comm._LOCAL_PROCESS_GROUP = group
 
 
-def kill_me_with_parent() -> bool:
-    """Ask the kernel for a SIGKILL when this process's parent dies (Linux's
-    ``prctl(PR_SET_PDEATHSIG)``; it survives ``exec``, so it also serves as a ``preexec_fn``).
-    Returns False where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    return ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) == 0
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """End this worker when the launching process ends, however it ends.
-
-    A launcher killed with SIGKILL (or SIGTERM, as ``timeout`` and job schedulers send) runs no
-    clean-up: its workers would train on, orphaned, writing checkpoints into a folder whose lock
-    died with the launcher, beside the ``--resume`` a user starts next. On Linux the kernel kills
-    the worker when its parent dies (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); elsewhere a thread
-    checks the parent's pid every second.
-    """
-    if not kill_me_with_parent():
-        def watch() -> None:
-            while os.getppid() == parent_pid:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-    if os.getppid() != parent_pid:  # the launcher died before the line above
-        os._exit(1)
-
-
 def _worker(local_rank: int, main_func: Callable, backend: str, world_size: int, num_per_machine: int,
             machine_rank: int, dist_url: str, args: Tuple, timeout: timedelta, parent_pid: int) -> None:
     global _spawned_worker
     _spawned_worker = True
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)  # an orphaned worker would train on, into a folder whose lock died
     rank = machine_rank * num_per_machine + local_rank
     if backend == "nccl":
         torch.cuda.set_device(local_rank)

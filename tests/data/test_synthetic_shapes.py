@@ -18,7 +18,7 @@ from models.data.synthetic_shapes import (
     DATASET_NAMES, SHAPE_CLASSES, ShapesConfig, ensure_shapes, generate_split, is_simple_region, pixel_outline,
     register_shapes, render_image,
 )
-from models.data.synthetic_shapes import _map_in_processes
+from models.data.synthetic_shapes import RenderingProcessDied, _generation_lock, _map_in_processes
 
 NUM_TRAIN, NUM_VAL = 16, 6
 
@@ -85,8 +85,18 @@ def test_a_killed_worker_is_an_error_not_a_hang():
         assert not thread.is_alive(), "the parent waits forever for the killed worker's job"
         if 3 not in jobs:
             assert outcome == {"result": [0, 2, 4, 8, 10, 12]}
-    assert list(outcome) == ["error"] and outcome["error"].__class__ is RuntimeError, outcome
+    assert list(outcome) == ["error"] and type(outcome["error"]) is RenderingProcessDied, outcome
     assert "died before finishing" in str(outcome["error"]) and "processes=1" in str(outcome["error"])
+
+
+@pytest.mark.parametrize("arguments", [dict(processes="2"), dict(processes=2.5), dict(processes=True),
+                                       dict(num_images=3.0), dict(seed=1.5)])
+def test_counts_must_be_whole_numbers(tmp_path, arguments):
+    arguments = {"num_images": 2, **arguments}
+    name = [key for key in arguments if key != "num_images"] or ["num_images"]
+    with pytest.raises(TypeError, match=f"{name[0]} must be a whole number, got"):
+        generate_split(str(tmp_path), "train", **arguments)
+    assert os.listdir(tmp_path) == []
 
 
 def test_processes_must_be_positive(tmp_path):
@@ -280,3 +290,110 @@ def test_ctrl_c_during_generation_stops_every_process_with_one_message(tmp_path)
     time.sleep(0.5)
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+SMALL = ShapesConfig(image_size=(48, 64), object_size=(16, 24), objects_per_image=(1, 2))
+
+
+def test_an_interrupted_regeneration_leaves_no_json_to_trust(tmp_path, monkeypatch):
+    """Regenerating with another seed overwrites images in place: stopped halfway, the old json
+    must not vouch for the mix (the next run generates the split again)."""
+    import models.data.synthetic_shapes as synthetic_shapes
+
+    root = str(tmp_path)
+    paths = ensure_shapes(root, 6, 1, seed=0, cfg=SMALL, processes=1)
+    original = {name: _read(os.path.join(paths["train"][1], name)) for name in os.listdir(paths["train"][1])}
+    write_image = synthetic_shapes._write_image
+
+    def interrupted(job):
+        if job[2] == 3:
+            raise KeyboardInterrupt
+        return write_image(job)
+
+    monkeypatch.setattr(synthetic_shapes, "_write_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate_split(root, "train", 6, seed=1, cfg=SMALL, processes=1)
+    assert not os.path.exists(paths["train"][0])
+    assert sum(_read(os.path.join(paths["train"][1], n)) != b for n, b in original.items()) == 3  # seed 1's
+    monkeypatch.setattr(synthetic_shapes, "_write_image", write_image)
+    assert ensure_shapes(root, 6, 1, seed=0, cfg=SMALL, processes=1) == paths
+    assert {name: _read(os.path.join(paths["train"][1], name)) for name in original} == original
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="fcntl locks are POSIX")
+def test_a_second_generator_waits_for_the_first(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    root = str(tmp_path)
+    script = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+              "from models.data.synthetic_shapes import ShapesConfig, ensure_shapes\n"
+              f"ensure_shapes({root!r}, 2, 1, cfg=ShapesConfig(image_size=(48, 64), object_size=(16, 24), "
+              "objects_per_image=(1, 2)))\nprint('done')\n")
+    with _generation_lock(root):
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        time.sleep(8)  # the package's imports, then the lock
+        assert process.poll() is None and not os.path.exists(tmp_path / "annotations")
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and "waiting for it to finish" in output and "done" in output, output
+    assert os.path.isfile(tmp_path / "annotations" / "instances_val.json")
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="POSIX signals")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_workers_end_with_a_killed_parent(tmp_path, signal_name):
+    """Killed alone (by the out-of-memory killer, say), the parent leaves no worker waiting."""
+    import subprocess
+    import sys
+    import time
+
+    script = ("from models.data.synthetic_shapes import generate_split\n"
+              f"generate_split({str(tmp_path)!r}, 'train', 5000, processes=2)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    for _ in range(300):
+        time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        if len(workers) == 2 or process.poll() is not None:
+            break
+    assert len(workers) == 2
+    time.sleep(0.5)
+    process.send_signal(getattr(signal, signal_name))
+    process.wait(timeout=30)
+    for _ in range(50):
+        time.sleep(0.1)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+                 and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+        if not alive:
+            break
+    for pid in alive:  # leave nothing behind, whatever the outcome
+        os.kill(int(pid), signal.SIGKILL)
+    assert alive == []
+
+
+def test_a_json_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
+    os.makedirs(tmp_path / "annotations" / "instances_train.json")  # a folder in the json's place
+    with pytest.raises(OSError):
+        generate_split(str(tmp_path), "train", 2, cfg=SMALL, processes=1)
+    assert os.listdir(tmp_path / "annotations") == ["instances_train.json"]
+
+
+def _generator_command():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_shapes", os.path.join(os.path.dirname(__file__), "..", "..", "datasets", "generate_shapes.py"))
+    generate_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate_shapes)
+    return generate_shapes
+
+
+def test_generator_command_names_an_unwritable_folder_in_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        _generator_command().main(["--out", str(tmp_path / "a_file" / "shapes"), "--num-train", "2", "--num-val", "1"])
+    message = str(stop.value.code)
+    assert message.startswith("generate_shapes.py: cannot write the dataset into") and "Not a directory" in message
+    assert "\n" not in message
