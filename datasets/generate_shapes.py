@@ -20,7 +20,7 @@ import pycocotools.mask as mask_util  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from models.data.synthetic_shapes import (  # noqa: E402
-    SHAPE_CLASSES, RenderingProcessDied, ensure_shapes, generate_split, load_split,
+    SHAPE_CLASSES, RenderingProcessDied, ensure_shapes, load_split,
 )
 from models.visualize import draw_instances  # noqa: E402
 
@@ -72,11 +72,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     try:
-        if args.force:
-            paths = {"train": generate_split(args.out, "train", args.num_train, args.seed, processes=args.processes),
-                     "val": generate_split(args.out, "val", args.num_val, args.seed, processes=args.processes)}
-        else:
-            paths = ensure_shapes(args.out, args.num_train, args.num_val, args.seed, processes=args.processes)
+        paths = ensure_shapes(args.out, args.num_train, args.num_val, args.seed, processes=args.processes,
+                              force=args.force)
     except KeyboardInterrupt:
         # The split being written has no json yet, so the next run generates it again.
         print("generate_shapes.py: interrupted; run it again to finish the dataset", file=sys.stderr)

@@ -382,19 +382,21 @@ def _is_current(root: str, split: str, num_images: int, seed: int, cfg: ShapesCo
 
 
 def ensure_shapes(root: str, num_train: int = 600, num_val: int = 100, seed: int = 0,
-                  cfg: ShapesConfig = ShapesConfig(), processes: Optional[int] = None) -> Dict[str, Tuple[str, str]]:
+                  cfg: ShapesConfig = ShapesConfig(), processes: Optional[int] = None,
+                  force: bool = False) -> Dict[str, Tuple[str, str]]:
     """Generate the train and val splits under ``root`` unless they are already there with
-    the same sizes, seed and config (``processes``: see :func:`generate_split`). Returns
-    ``{split: (json_file, image_root)}``."""
+    the same sizes, seed and config, or always with ``force`` (``processes``: see
+    :func:`generate_split`). Both splits are written under one hold of the folder's lock, so a
+    second generator waits for both. Returns ``{split: (json_file, image_root)}``."""
     for split, num_images in zip(SPLITS, (num_train, num_val)):
         _check_arguments(split, num_images, seed, processes)
     splits = list(zip(SPLITS, (num_train, num_val)))
-    if all(_is_current(root, split, num_images, seed, cfg, quiet=True) for split, num_images in splits):
+    if not force and all(_is_current(root, split, num_images, seed, cfg, quiet=True) for split, num_images in splits):
         return {split: _paths(root, split) for split in SPLITS}  # no lock needed (the folder may be read-only)
     paths = {}
     with _generation_lock(root):  # a generator already at work here finishes first
         for split, num_images in zip(SPLITS, (num_train, num_val)):
-            if _is_current(root, split, num_images, seed, cfg):
+            if not force and _is_current(root, split, num_images, seed, cfg):
                 logger.info("Synthetic shapes %s split is up to date in %s", split, root)
                 paths[split] = _paths(root, split)
             else:

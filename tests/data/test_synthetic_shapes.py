@@ -397,3 +397,30 @@ def test_generator_command_names_an_unwritable_folder_in_one_line(tmp_path):
     message = str(stop.value.code)
     assert message.startswith("generate_shapes.py: cannot write the dataset into") and "Not a directory" in message
     assert "\n" not in message
+
+
+def test_force_rewrites_both_splits_under_one_hold_of_the_lock(tmp_path, monkeypatch):
+    """A second generator waits for both splits of the first, not for one at a time (which
+    would interleave them: train of one seed, val of another)."""
+    import contextlib
+
+    import models.data.synthetic_shapes as synthetic_shapes
+
+    root = str(tmp_path)
+    paths = ensure_shapes(root, 2, 1, seed=0, cfg=SMALL, processes=1)
+    for json_file, _ in paths.values():
+        os.utime(json_file, (0, 0))
+    holds = []
+    lock = synthetic_shapes._generation_lock
+
+    @contextlib.contextmanager
+    def counted(folder):
+        with lock(folder):
+            holds.append(folder)
+            yield
+
+    monkeypatch.setattr(synthetic_shapes, "_generation_lock", counted)
+    assert ensure_shapes(root, 2, 1, seed=0, cfg=SMALL, processes=1) == paths and holds == []  # up to date
+    assert ensure_shapes(root, 2, 1, seed=0, cfg=SMALL, processes=1, force=True) == paths
+    assert holds == [root]
+    assert all(os.stat(json_file).st_mtime > 0 for json_file, _ in paths.values())  # both written again
