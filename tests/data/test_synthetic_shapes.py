@@ -34,6 +34,37 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def _generator_command():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_shapes", os.path.join(os.path.dirname(__file__), "..", "..", "datasets", "generate_shapes.py"))
+    generate_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate_shapes)
+    return generate_shapes
+
+
+def _start_generator_with_two_workers(tmp_path, prelude: str = "", **popen):
+    """A child process rendering 5000 images in two workers; returns it once both have started
+    (they start once the package is imported), with the workers' pids."""
+    import subprocess
+    import sys
+    import time
+
+    script = (prelude + "from models.data.synthetic_shapes import generate_split\n"
+              f"generate_split({str(tmp_path)!r}, 'train', 5000, processes=2)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], **popen)
+    workers = []
+    for _ in range(300):
+        time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        if len(workers) == 2 or process.poll() is not None:
+            break
+    assert len(workers) == 2
+    time.sleep(0.5)
+    return process, workers
+
+
 def test_same_seed_same_bytes_other_seed_other_data(shapes, tmp_path):
     root, paths = shapes
     again = ensure_shapes(str(tmp_path / "again"), NUM_TRAIN, NUM_VAL, seed=3)
@@ -247,15 +278,9 @@ def test_register_elsewhere_replaces_the_registration(shapes, tmp_path):
     (["--processes", "0"], "--processes must be at least 1, got 0"),
 ])
 def test_generator_command_refuses_bad_arguments_before_writing(tmp_path, monkeypatch, capsys, argv, message):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "generate_shapes", os.path.join(os.path.dirname(__file__), "..", "..", "datasets", "generate_shapes.py"))
-    generate_shapes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate_shapes)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
-        generate_shapes.main(["--out", str(tmp_path / "out"), *argv])
+        _generator_command().main(["--out", str(tmp_path / "out"), *argv])
     assert message in capsys.readouterr().err
     assert os.listdir(tmp_path) == []  # nothing written, not even with --out ''
     with pytest.raises(ValueError, match="num_images=-3"):
@@ -267,26 +292,15 @@ def test_ctrl_c_during_generation_stops_every_process_with_one_message(tmp_path)
     """Ctrl-C reaches every process of the terminal's group: the workers leave the stopping to
     the parent, so only the parent reports it and no process is left behind."""
     import subprocess
-    import sys
     import time
 
-    script = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-              "from models.data.synthetic_shapes import generate_split\n"
-              f"generate_split({str(tmp_path)!r}, 'train', 5000, processes=2)\n")
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
-    workers = []
-    for _ in range(300):  # the workers start once the package is imported
-        time.sleep(0.1)
-        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-        if len(workers) == 2 or process.poll() is not None:
-            break
-    assert len(workers) == 2
-    time.sleep(0.5)
+    process, workers = _start_generator_with_two_workers(
+        tmp_path, "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     os.killpg(process.pid, signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert process.returncode != 0
-    assert output.count("Traceback") == 1 and "ForkPoolWorker" not in output, output  # the parent's only
+    assert output.count("Traceback") == 1 and "ForkProcess" not in output, output  # the parent's only
     time.sleep(0.5)
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
@@ -346,20 +360,10 @@ def test_a_second_generator_waits_for_the_first(tmp_path):
 def test_workers_end_with_a_killed_parent(tmp_path, signal_name):
     """Killed alone (by the out-of-memory killer, say), the parent leaves no worker waiting."""
     import subprocess
-    import sys
     import time
 
-    script = ("from models.data.synthetic_shapes import generate_split\n"
-              f"generate_split({str(tmp_path)!r}, 'train', 5000, processes=2)\n")
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers = []
-    for _ in range(300):
-        time.sleep(0.1)
-        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-        if len(workers) == 2 or process.poll() is not None:
-            break
-    assert len(workers) == 2
-    time.sleep(0.5)
+    process, workers = _start_generator_with_two_workers(tmp_path, stdout=subprocess.DEVNULL,
+                                                         stderr=subprocess.DEVNULL)
     process.send_signal(getattr(signal, signal_name))
     process.wait(timeout=30)
     for _ in range(50):
@@ -378,16 +382,6 @@ def test_a_json_that_cannot_be_written_leaves_no_temporary_file(tmp_path):
     with pytest.raises(OSError):
         generate_split(str(tmp_path), "train", 2, cfg=SMALL, processes=1)
     assert os.listdir(tmp_path / "annotations") == ["instances_train.json"]
-
-
-def _generator_command():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "generate_shapes", os.path.join(os.path.dirname(__file__), "..", "..", "datasets", "generate_shapes.py"))
-    generate_shapes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generate_shapes)
-    return generate_shapes
 
 
 def test_generator_command_names_an_unwritable_folder_in_one_line(tmp_path):
