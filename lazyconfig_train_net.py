@@ -158,6 +158,9 @@ def worker_main(args) -> Optional[dict]:
 if __name__ == "__main__":
     try:
         cli()
+    except KeyboardInterrupt:  # Ctrl-C: the trainer has logged where it stopped; the last checkpoint stays
+        print("lazyconfig_train_net.py: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
     except REFUSALS as e:
         if work_started() or (isinstance(e, AssertionError) and not _launched):  # perhaps a fault of the code
             raise

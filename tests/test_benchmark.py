@@ -195,6 +195,10 @@ class _SDPA(torch.nn.Module):
     (["--reference", "--png", "chart.png"], "--png: options of the table, which --reference replaces"),
     (["--reference", "--profile", "--skip-detector"], "--profile, --skip-detector: options of the table"),
     (["--profile", "-3"], "--profile takes a number of rows >= 1"),
+    (["--profile", "0"], "--profile takes a number of rows >= 1, got 0"),
+    (["--png", "/proc/chart.png"], "--png: cannot write a picture into /proc: "),
+    (["--config-file", os.path.join(benchmark.REPO, "configs", "mae", "mae_pretrain_vit_base.py")],
+     "model.backbone.bottom_up has no sample_ratio; the benchmark needs a MIMDet backbone"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
     (["--compile"], "--compile goes with --reference"),
     (["--png", "."], "--png: . is a folder; name the picture to write in it"),
@@ -213,6 +217,17 @@ def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_sample_ratios_are_measured_once_each_in_increasing_order():
+    assert benchmark.parse_args(["--sample-ratios", "1.0", "0.25", "0.5", "0.25"]).sample_ratios == [0.25, 0.5, 1.0]
+
+
+def test_running_out_of_memory_is_told_from_other_errors():
+    assert benchmark.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] . DefaultCPUAllocator: "
+                                                   "can't allocate memory: you tried to allocate 12288000000 bytes"))
+    assert benchmark.is_out_of_memory(MemoryError())
+    assert not benchmark.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 @pytest.mark.parametrize("native, argv, dtypes, warned", [

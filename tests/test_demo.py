@@ -56,6 +56,10 @@ def test_demo_trains_evaluates_and_draws(demo_run):
     records = [json.loads(line) for line in open(run / "metrics.json")]
     assert len([r for r in records if "bbox/AP" in r and "segm/AP" in r]) == 1
     assert "sample ratio 0.5 (eval 1.0)" in result.stderr + result.stdout
+    assert "COCO AP on the synthetic shapes val split (sample ratio 1.0)" in result.stdout
+    # Pictures without a detection say why (two iterations rarely score 0.5).
+    drawn = json.loads((run / "predictions" / "results.json").read_text())
+    assert ("no detection scored 0.5 or more on these images" in result.stdout) == (not drawn)
 
 
 def test_rerun_continues_and_fresh_starts_over(demo_run):
@@ -102,6 +106,32 @@ def test_fresh_while_another_run_holds_the_folder_is_refused_in_one_line(tmp_pat
         signal.signal(signal.SIGTERM, sigterm)
     assert "in use by another run" in caplog.text
     assert (folder / "log.txt").read_text() == "a live run's log\n"  # nothing was cleared
+
+
+def test_sample_ratios_named_in_the_summary_follow_the_overrides():
+    assert demo.sample_ratios([]) == (0.5, 1.0)
+    assert demo.sample_ratios(["model.backbone.bottom_up.sample_ratio=0.25",
+                               "model.backbone.bottom_up.eval_sample_ratio=0.5"]) == (0.25, 0.5)
+
+
+def test_launcher_errors_suggest_fresh_only_for_a_continued_run(tmp_path, monkeypatch, caplog):
+    def launcher_fails(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, "lazyconfig_train_net.py")
+
+    monkeypatch.setattr(demo.subprocess, "run", launcher_fails)
+    monkeypatch.setattr(demo, "run", lambda args: demo.launch(demo.CONFIG, str(tmp_path), []))
+    sigterm = signal.getsignal(signal.SIGTERM)  # demo.main installs its own handler
+    try:
+        for continued in (False, True):
+            if continued:
+                (tmp_path / "last_checkpoint").write_text("model_0000009.pth")
+            caplog.clear()
+            with caplog.at_level("ERROR", logger=demo.logger.name):
+                assert demo.main([]) == 1
+            assert "the launcher stopped with exit status 1" in caplog.text
+            assert ("--fresh" in caplog.text) == continued
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -38,6 +38,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -253,8 +254,8 @@ def load_benchmark_config(config_file: str, overrides: Sequence[str], checkpoint
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
     cfg = load_config(config_file, overrides)
-    bottom_up = cfg.model.backbone.bottom_up
-    if "sample_ratio" not in bottom_up or "use_act_checkpoint" not in bottom_up:
+    bottom_up = cfg.get("model", {}).get("backbone", {}).get("bottom_up", {})
+    if not hasattr(bottom_up, "keys") or "sample_ratio" not in bottom_up or "use_act_checkpoint" not in bottom_up:
         raise ValueError(f"{config_file}: model.backbone.bottom_up has no sample_ratio; the benchmark needs a "
                          f"MIMDet backbone")
     bottom_up.use_act_checkpoint = checkpointing
@@ -613,7 +614,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="with --reference: also time our backbone under torch.compile (and say how long "
                              "compiling took); where torch.compile fails, a line says why")
-    parser.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="ROWS",
+    parser.add_argument("--profile", type=int, nargs="?", const=15, default=None, metavar="ROWS",
                         help="also print torch.profiler's top operators of a backbone step per cell")
     parser.add_argument("--png", help="write a chart of the figures against the sample ratio here")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
@@ -621,6 +622,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for ratio in args.sample_ratios:
         if not 0.0 < ratio <= 1.0:
             parser.error(f"--sample-ratios must lie in (0, 1], got {ratio}")
+    args.sample_ratios = sorted(set(args.sample_ratios))  # each measured once, in order along the chart's axis
     for name in ("height", "width"):
         if getattr(args, name) < 64 or getattr(args, name) % 32:
             parser.error(f"--{name} must be a multiple of 32 (the backbone's size divisibility) of at least 64 "
@@ -628,16 +630,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compile and not args.reference:
         parser.error("--compile goes with --reference (it times the backbone step only)")
     if args.reference:
-        table_only = [flag for flag, given in (("--png", args.png), ("--profile", args.profile),
+        table_only = [flag for flag, given in (("--png", args.png), ("--profile", args.profile is not None),
                                                ("--skip-detector", args.skip_detector)) if given]
         if table_only:
             parser.error(f"{', '.join(table_only)}: options of the table, which --reference replaces")
     if args.png:
         try:
             args.png = picture_path(args.png)
+            folder = os.path.dirname(os.path.abspath(args.png))
+            try:  # refused now, not after minutes of timing
+                os.makedirs(folder, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as e:
+                raise ValueError(f"cannot write a picture into {folder}: {e.strerror or e}") from None
         except ValueError as e:
             parser.error(f"--png: {e}")
-    if args.profile < 0:
+    if args.profile is not None and args.profile < 1:
         parser.error(f"--profile takes a number of rows >= 1, got {args.profile}")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
                              ("--warmup", args.warmup, 0), ("--threads", args.threads, 0)):
@@ -700,5 +709,16 @@ def main(argv=None) -> List[Cell]:
     return cells
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(error)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        sys.exit(f"benchmark.py: out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                 "try a smaller --height, --width or --batch-size")

@@ -9,8 +9,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import models  # noqa: F401  (before detectron2)
@@ -221,6 +223,30 @@ def test_unknown_override_key_is_named(toy):
     assert result.stderr.strip().splitlines()[-1].startswith(
         "lazyconfig_train_net.py: error: unknown config key 'train.max_iters'")
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_during_training_is_one_line_and_exit_status_130(toy, tmp_path):
+    output_dir = tmp_path / "interrupted"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "lazyconfig_train_net.py", "--config-file", TINY, "--num-gpus", "1", *toy[1],
+         f"train.output_dir={output_dir}", "train.max_iter=100000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (output_dir / "log.txt").is_file() or "Starting training" not in (output_dir / "log.txt").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, "the launcher did not start training"
+            time.sleep(0.5)
+        time.sleep(1.0)  # into the training steps
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the whole process group
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "lazyconfig_train_net.py: interrupted; --resume continues from the last checkpoint")
 
 
 def test_a_dataset_not_downloaded_is_named_before_the_run_folder_is_made(tmp_path):
