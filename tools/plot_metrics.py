@@ -125,17 +125,27 @@ def plot_metrics(metrics_file: str, out_file: str, smooth_window: int = 20, titl
     lr = _series(records, lambda key: key == "lr").get("lr")
     figure, axes = plt.subplots(2 if aps else 1, 1, figsize=(9, 8 if aps else 4.5), squeeze=False, sharex=True)
     loss_axis = axes[0, 0]
+    highest = []
     for key, (iterations, values) in losses.items():
-        loss_axis.plot(iterations, smooth(values, smooth_window), label=key,  # a marker shows a lone record
+        smoothed = smooth(values, smooth_window)
+        loss_axis.plot(iterations, smoothed, label=key,  # a marker shows a lone record
                        linewidth=2.0 if key == "total_loss" else 1.0, marker="o" if len(iterations) < 3 else None)
+        highest += [float(np.nanmax(smoothed))] if np.isfinite(smoothed).any() else []
+    window = min(smooth_window, max(len(values) for _, values in losses.values()))
     loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel(f"loss (moving average of {smooth_window} records)" if smooth_window > 1 else "loss")
+    loss_axis.set_ylabel(f"loss (moving average of {window} records)" if window > 1 else "loss")
     loss_axis.grid(alpha=0.3)
+    if highest and max(highest) > 0:  # room above the curves for the legend
+        loss_axis.set_ylim(top=max(highest) * 1.4)
     loss_axis.legend(loc="upper right", fontsize="small")  # losses fall: the upper right is mostly free
     if lr is not None:
         lr_axis = loss_axis.twinx()
-        lr_axis.plot(*lr, color="gray", linestyle="--", linewidth=1.0)
+        # Each record holds the lr of its iteration until the next record: steps, not ramps.
+        lr_axis.plot(*lr, color="gray", linestyle="--", linewidth=1.0, drawstyle="steps-post")
         lr_axis.set_ylabel("learning rate (dashed)")
+        top = float(np.nanmax(lr[1])) if np.isfinite(lr[1]).any() else 0.0
+        if top > 0:  # the peak below the legend
+            lr_axis.set_ylim(0, top * 1.6)
     if aps:
         ap_axis = axes[1, 0]
         for key, (iterations, values) in aps.items():
