@@ -223,6 +223,19 @@ def test_sample_ratios_are_measured_once_each_in_increasing_order():
     assert benchmark.parse_args(["--sample-ratios", "1.0", "0.25", "0.5", "0.25"]).sample_ratios == [0.25, 0.5, 1.0]
 
 
+def test_more_threads_than_cores_are_warned_about(monkeypatch, caplog):
+    monkeypatch.setattr(benchmark.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda args: [])  # the warning comes before any timing
+    monkeypatch.setattr(benchmark, "format_table", lambda cells, title: "")
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger=benchmark.logger.name):
+            benchmark.main(["--device", "cpu", "--threads", "3", "--skip-detector"])
+    finally:
+        torch.set_num_threads(threads)
+    assert "--threads 3 on 2 cores: threads will share cores" in caplog.text
+
+
 def test_running_out_of_memory_is_told_from_other_errors():
     assert benchmark.is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] . DefaultCPUAllocator: "
                                                    "can't allocate memory: you tried to allocate 12288000000 bytes"))

@@ -108,6 +108,16 @@ def test_fresh_while_another_run_holds_the_folder_is_refused_in_one_line(tmp_pat
     assert (folder / "log.txt").read_text() == "a live run's log\n"  # nothing was cleared
 
 
+def test_the_ap_table_says_why_a_size_has_no_ap():
+    nan = float("nan")
+    row = {"AP": 63.6, "AP50": 80.0, "AP75": 75.0, "APs": 68.0, "APm": 59.0, "APl": nan}
+    table = demo.ap_table({"bbox": row, "segm": dict(row, AP=58.4)}).splitlines()
+    assert table[2] == "| bbox | 63.6 | 80.0 | 75.0 | 68.0 | 59.0 | nan |"
+    assert table[-1] == "nan: APl, no val object of area above 96x96 px"
+    # Nothing detected at all: every figure is nan, for a reason the summary gives elsewhere.
+    assert "no val object" not in demo.ap_table({"bbox": dict.fromkeys(demo.METRICS, nan)})
+
+
 def test_sample_ratios_named_in_the_summary_follow_the_overrides():
     assert demo.sample_ratios([]) == (0.5, 1.0)
     assert demo.sample_ratios(["model.backbone.bottom_up.sample_ratio=0.25",

@@ -678,6 +678,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> List[Cell]:
     args = parse_args(argv)
     if args.threads:
+        if args.threads > (os.cpu_count() or 1):  # more threads than cores wait on each other
+            logger.warning("--threads %d on %d cores: threads will share cores, and times rise", args.threads,
+                           os.cpu_count() or 1)
         torch.set_num_threads(args.threads)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")

@@ -195,10 +195,18 @@ def sample_ratios(opts: Sequence[str]) -> Tuple[float, float]:
     return float(bottom_up.sample_ratio), float(bottom_up.eval_sample_ratio)
 
 
+# COCOeval's object sizes (area in pixels); a size the val images lack has no AP (nan).
+SIZE_RANGES = {"APs": "of area below 32x32 px", "APm": "of area 32x32 to 96x96 px", "APl": "of area above 96x96 px"}
+
+
 def ap_table(results: Dict[str, Dict[str, float]]) -> str:
     lines = ["| task | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 1)]
     for task, values in results.items():
         lines.append(f"| {task} | " + " | ".join(f"{values.get(m, float('nan')):.1f}" for m in METRICS) + " |")
+    missing = [metric for metric in SIZE_RANGES if any(math.isnan(values.get(metric, float("nan")))
+                                                       for values in results.values())]
+    if missing and not all(math.isnan(values.get("AP", float("nan"))) for values in results.values()):
+        lines.append("\nnan: " + "; ".join(f"{metric}, no val object {SIZE_RANGES[metric]}" for metric in missing))
     return "\n".join(lines)
 
 
