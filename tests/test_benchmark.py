@@ -196,7 +196,8 @@ class _SDPA(torch.nn.Module):
     (["--reference", "--profile", "--skip-detector"], "--profile, --skip-detector: options of the table"),
     (["--profile", "-3"], "--profile takes a number of rows >= 1"),
     (["--profile", "0"], "--profile takes a number of rows >= 1, got 0"),
-    (["--png", "/proc/chart.png"], "--png: cannot write a picture into /proc: "),
+    (["--png", "/proc/chart.png"], "--png: cannot write /proc/chart.png: "),
+    (["--png", "a" * 300 + ".png"], "--png: cannot write " + "a" * 300 + ".png: File name too long"),
     (["--config-file", os.path.join(benchmark.REPO, "configs", "mae", "mae_pretrain_vit_base.py")],
      "model.backbone.bottom_up has no sample_ratio; the benchmark needs a MIMDet backbone"),
     (["--dtypes", "fp16", "--device", "cpu"], "fp16 needs --device cuda"),
@@ -217,6 +218,16 @@ def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_refused_run_makes_no_picture_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--png", str(tmp_path / "new" / "sub" / "chart.png"), "--profile", "0"])
+    assert "--profile takes a number of rows >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    chart = str(tmp_path / "new" / "chart.png")
+    assert benchmark.parse_args(["--png", chart]).png == chart
+    assert os.listdir(tmp_path / "new") == []  # the check leaves no file
 
 
 def test_sample_ratios_are_measured_once_each_in_increasing_order():

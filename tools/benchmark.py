@@ -38,7 +38,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -637,13 +636,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.png:
         try:
             args.png = picture_path(args.png)
-            folder = os.path.dirname(os.path.abspath(args.png))
-            try:  # refused now, not after minutes of timing
-                os.makedirs(folder, exist_ok=True)
-                with tempfile.TemporaryFile(dir=folder):
-                    pass
-            except OSError as e:
-                raise ValueError(f"cannot write a picture into {folder}: {e.strerror or e}") from None
         except ValueError as e:
             parser.error(f"--png: {e}")
     if args.profile is not None and args.profile < 1:
@@ -672,7 +664,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     problems = check_model_arguments(args.cfg.model)
     if problems:
         parser.error("; ".join(problems))
+    if args.png:  # last, once nothing else refuses the run: this may make the picture's folder
+        try:
+            check_writable(args.png)
+        except OSError as e:
+            parser.error(f"--png: cannot write {args.png}: {e.strerror or e}")
     return args
+
+
+def check_writable(path: str) -> None:
+    """Raise OSError unless a file can be written at ``path`` (making its folder if needed), so
+    that a bad path is refused before minutes of timing; leaves no file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    existed = os.path.exists(path)
+    with open(path, "ab"):
+        pass
+    if not existed:
+        os.remove(path)
 
 
 def main(argv=None) -> List[Cell]:

@@ -39,6 +39,18 @@ from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
 STARTED = time.perf_counter()  # before torch and detectron2 are imported: "in all" counts their start-up too
+
+
+def _ctrl_c_in_one_line(kind, value, traceback) -> None:
+    """Ctrl-C before main() handles it (while torch and detectron2 load): one line, exit 130."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("demo.py: interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+    sys.__excepthook__(kind, value, traceback)
+
+
+if __name__ == "__main__":
+    sys.excepthook = _ctrl_c_in_one_line
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -214,7 +226,6 @@ MAE_STAGES = ("pretrain", "finetune_mae", "finetune_scratch")
 # Both fine-tunings run half the demo's length: where the start matters most, and the chain stays
 # near 6 minutes. Their lr steps come at 75% and 92% of the run (iterations 525 and 642), where
 # the comparison in the README was measured; the demo's own steps come later in its run.
-# train.max_iter=1400 runs the demo's length.
 MAE_FINETUNE_ITERS = 700
 MAE_FINETUNE_SCHEDULE = ("lr_multiplier.scheduler.milestones=[27,33]", "lr_multiplier.scheduler.num_updates=36")
 

@@ -76,7 +76,9 @@ mae_checkpoint.path = "scratch"  # the demo trains from random weights
 # 45.4 / 41.9 (docs/demo_recipe.md).
 train.max_iter = 1400
 lr_multiplier.scheduler.milestones = [1250, 1350]
-lr_multiplier.scheduler.num_updates = 1400  # milestones in iterations; another train.max_iter scales them
+# The milestones count out of num_updates, which the launcher maps onto train.max_iter: another
+# train.max_iter scales them. To set them in iterations of another length, set num_updates to it too.
+lr_multiplier.scheduler.num_updates = 1400
 train.channels_last = True  # conv weights NHWC on CPU: 11% faster steps, 20% faster inference
 train.clip_grad_norm = 1.0  # from random weights: keeps early updates in range
 # bf16 autocast for training where the CPU computes bf16 natively (~1.5x faster than fp32 with
@@ -87,7 +89,7 @@ train.amp.enabled = True
 train.amp.dtype = None
 train.amp.eval = False
 train.seed = 0  # the same data order, augmentation and token sampling on every machine
-train.checkpointer.period = 400  # an interrupted demo loses at most a quarter of its run
+train.checkpointer.period = 350  # an interrupted demo loses at most a quarter of its run
 train.checkpointer.max_to_keep = 2
 train.eval_period = 0  # no periodic evaluation: detectron2's EvalHook evaluates the final model
 train.log_period = 20

@@ -225,13 +225,21 @@ def test_unknown_override_key_is_named(toy):
     assert "Traceback" not in result.stderr
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """Run by the child before exec: SIGINT back to its default action, so that Python raises
+    KeyboardInterrupt for it. A job started in the background of a script (as CI may start the
+    tests) inherits SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_training_is_one_line_and_exit_status_130(toy, tmp_path):
     output_dir = tmp_path / "interrupted"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "lazyconfig_train_net.py", "--config-file", TINY, "--num-gpus", "1", *toy[1],
          f"train.output_dir={output_dir}", "train.max_iter=100000"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 240
         while not (output_dir / "log.txt").is_file() or "Starting training" not in (output_dir / "log.txt").read_text():
@@ -247,6 +255,19 @@ def test_ctrl_c_during_training_is_one_line_and_exit_status_130(toy, tmp_path):
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
         "lazyconfig_train_net.py: interrupted; --resume continues from the last checkpoint")
+
+
+def test_ctrl_c_while_the_launcher_loads_is_one_line_too(toy, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "lazyconfig_train_net.py", "--config-file", TINY, *toy[1],
+         f"train.output_dir={tmp_path / 'never'}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_ctrl_c_as_in_a_terminal)
+    time.sleep(0.5)  # torch and detectron2 take seconds to import
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines() == ["lazyconfig_train_net.py: interrupted"]
 
 
 def test_a_dataset_not_downloaded_is_named_before_the_run_folder_is_made(tmp_path):
