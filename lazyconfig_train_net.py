@@ -27,18 +27,11 @@ import sys
 import time
 from typing import List, Optional
 
-
-def _ctrl_c_in_one_line(kind, value, traceback) -> None:
-    """Ctrl-C before cli() handles it (while torch and detectron2 load): one line, exit 130."""
-    if issubclass(kind, KeyboardInterrupt):
-        print("lazyconfig_train_net.py: interrupted", file=sys.stderr, flush=True)
-        os._exit(130)
-    sys.__excepthook__(kind, value, traceback)
-
+from tools.interrupt import ctrl_c_in_one_line
 
 if __name__ == "__main__":
-    sys.excepthook = _ctrl_c_in_one_line
-# ruff: noqa: E402  (the imports below come after that hook: they take seconds)
+    ctrl_c_in_one_line("lazyconfig_train_net.py")  # while the imports below take seconds
+# ruff: noqa: E402
 
 import models  # noqa: F401  (first: makes detectron2 0.6 work on today's stack)
 from detectron2.engine import default_argument_parser

@@ -39,20 +39,13 @@ from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
 STARTED = time.perf_counter()  # before torch and detectron2 are imported: "in all" counts their start-up too
-
-
-def _ctrl_c_in_one_line(kind, value, traceback) -> None:
-    """Ctrl-C before main() handles it (while torch and detectron2 load): one line, exit 130."""
-    if issubclass(kind, KeyboardInterrupt):
-        print("demo.py: interrupted", file=sys.stderr, flush=True)
-        os._exit(130)
-    sys.__excepthook__(kind, value, traceback)
-
-
-if __name__ == "__main__":
-    sys.excepthook = _ctrl_c_in_one_line
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from tools.interrupt import ctrl_c_in_one_line  # noqa: E402
+
+if __name__ == "__main__":
+    ctrl_c_in_one_line("demo.py")  # while the imports below take seconds
 
 from PIL import Image  # noqa: E402
 
